@@ -1,0 +1,14 @@
+"""Where Pagoda keeps its caches: `$PAGODA_HOME` (default `~/.cache/pagoda`)."""
+
+import os
+from pathlib import Path
+
+
+def pagoda_home() -> Path:
+    """The root of every cache Pagoda writes (models, knowledge bases, runs)."""
+    return Path(os.environ.get("PAGODA_HOME", Path.home() / ".cache" / "pagoda")).expanduser()
+
+
+def models_dir() -> Path:
+    """Folder holding one sub-folder per pulled model."""
+    return pagoda_home() / "models"
