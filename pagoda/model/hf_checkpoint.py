@@ -1,0 +1,213 @@
+"""Hugging Face checkpoint folders: config.json + *.safetensors (sharded or not) in and out.
+
+Loading renames HF tensor names onto ours (and transposes GPT-2's Conv1D matrices); saving does
+the reverse, so `transformers` loads what Pagoda trains. A `pagoda_config.json` is written too,
+so configs with no HF equivalent (MoE, post-norm, sinusoidal) still round-trip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pagoda.errors import WeightsError
+from pagoda.model.config import ModelConfig
+from pagoda.model.hf_config import config_from_hf, config_to_hf, hf_compatible
+from pagoda.model.transformer import Transformer
+
+PAGODA_CONFIG = "pagoda_config.json"
+
+# (HF name pattern, our name) for the llama-like families; {i} is the layer index.
+_LLAMA_NAMES = [
+    ("model.embed_tokens.weight", "embed.weight"),
+    ("model.norm.weight", "final_norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight"),
+    *[(f"model.layers.{{i}}.self_attn.{p}_proj.{t}", f"layers.{{i}}.attn.{p}_proj.{t}")
+      for p in "qkvo" for t in ("weight", "bias")],
+    *[(f"model.layers.{{i}}.mlp.{p}_proj.{t}", f"layers.{{i}}.ffn.{p}_proj.{t}")
+      for p in ("gate", "up", "down") for t in ("weight", "bias")],
+]
+# GPT-2 fuses q/k/v into c_attn and stores Linear weights transposed (Conv1D).
+_GPT2_NAMES = [
+    ("transformer.wte.weight", "embed.weight"),
+    ("transformer.wpe.weight", "pos_embed.weight"),
+    ("transformer.ln_f.weight", "final_norm.weight"),
+    ("transformer.ln_f.bias", "final_norm.bias"),
+    ("lm_head.weight", "lm_head.weight"),
+    *[(f"transformer.h.{{i}}.{hf}.{t}", f"layers.{{i}}.{ours}.{t}")
+      for hf, ours in (("ln_1", "attn_norm"), ("ln_2", "ffn_norm"), ("attn.c_proj", "attn.o_proj"),
+                       ("mlp.c_fc", "ffn.up_proj"), ("mlp.c_proj", "ffn.down_proj"))
+      for t in ("weight", "bias")],
+]
+_GPT2_CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+
+
+def _name_table(arch: str) -> list[tuple[re.Pattern, str, str]]:
+    """Compiled (HF regex, HF template, our template) triples for one architecture."""
+    pairs = _GPT2_NAMES if arch == "gpt2" else _LLAMA_NAMES
+    return [(re.compile("^" + re.escape(hf).replace(r"\{i\}", r"(\d+)") + "$"), hf, ours)
+            for hf, ours in pairs]
+
+
+def hf_to_pagoda(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename (and for GPT-2 split/transpose) an HF state dict into Pagoda's names."""
+    if cfg.arch == "gpt2":
+        tensors = {(k if k.startswith(("transformer.", "lm_head")) else "transformer." + k): v
+                   for k, v in tensors.items()}
+    table = _name_table(cfg.arch)
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if cfg.arch == "gpt2" and name.endswith(_GPT2_CONV1D):
+            tensor = tensor.t()
+        match = re.match(r"^transformer\.h\.(\d+)\.attn\.c_attn\.(weight|bias)$", name)
+        if match:  # (3d, d) fused q/k/v -> three Linear weights
+            i, kind = match.groups()
+            for part, chunk in zip("qkv", tensor.chunk(3, dim=0), strict=True):
+                out[f"layers.{i}.attn.{part}_proj.{kind}"] = chunk.contiguous()
+            continue
+        for pattern, _, ours in table:
+            m = pattern.match(name)
+            if m:
+                out[ours.replace("{i}", m.group(1)) if m.groups() else ours] = tensor.contiguous()
+                break
+        # anything else (GPT-2's attn.bias masks, rotary inv_freq buffers) is not a weight
+    return out
+
+
+def pagoda_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of `hf_to_pagoda`: our state dict under the names `transformers` expects."""
+    reverse = {}
+    for _, hf, ours in _name_table(cfg.arch):
+        reverse[re.compile("^" + re.escape(ours).replace(r"\{i\}", r"(\d+)") + "$")] = hf
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if cfg.tie_embeddings and name == "lm_head.weight":
+            continue
+        m = re.match(r"^layers\.(\d+)\.attn\.(q|k|v)_proj\.(weight|bias)$", name)
+        if cfg.arch == "gpt2" and m:
+            i, part, kind = m.groups()
+            if part == "q":
+                fused = torch.cat([state[f"layers.{i}.attn.{p}_proj.{kind}"] for p in "qkv"])
+                out[f"transformer.h.{i}.attn.c_attn.{kind}"] = fused.t() if kind == "weight" else fused
+            continue
+        for pattern, hf in reverse.items():
+            mm = pattern.match(name)
+            if mm:
+                hf_name = hf.replace("{i}", mm.group(1)) if mm.groups() else hf
+                if cfg.arch == "gpt2" and hf_name.endswith(_GPT2_CONV1D):
+                    tensor = tensor.t()
+                out[hf_name] = tensor.contiguous()
+                break
+        else:
+            raise WeightsError(f"no Hugging Face name for tensor {name} of a {cfg.arch} model")
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"cannot read {path}: {exc}") from exc
+
+
+def read_config(folder: Path) -> ModelConfig:
+    """The model config of a checkpoint folder (Pagoda's own file first, else config.json)."""
+    if (folder / PAGODA_CONFIG).exists():
+        return ModelConfig.from_dict(_read_json(folder / PAGODA_CONFIG))
+    if not (folder / "config.json").exists():
+        raise WeightsError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
+    return config_from_hf(_read_json(folder / "config.json"), name=folder.name)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({folder / f for f in _read_json(index)["weight_map"].values()})
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{folder} has no *.safetensors weights")
+    return files
+
+
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) safetensors checkpoint, with readable errors."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _safetensors_files(folder):
+        try:
+            tensors.update(load_file(file))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightsError(f"{file} is truncated or corrupt ({exc})") from exc
+    return tensors
+
+
+def load_hf_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu") -> Transformer:
+    """Build a Transformer from an HF (or Pagoda-saved) checkpoint folder."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    raw = load_state(folder)
+    own = (folder / PAGODA_CONFIG).exists() and not (folder / "config.json").exists()
+    state = raw if own else hf_to_pagoda(raw, cfg)
+    return build_from_state(cfg, state, dtype, device, source=str(folder))
+
+
+def build_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                     device: str | torch.device, source: str) -> Transformer:
+    """Assign loaded tensors into a meta-built model: no random init, no double allocation."""
+    if cfg.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("embed.weight"))
+    model = Transformer.on_meta(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - {k for k, v in state.items() if v is not None})
+    if missing:
+        raise WeightsError(f"{source} lacks {len(missing)} tensors the config needs, "
+                           f"e.g. {', '.join(missing[:3])}")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise WeightsError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
+                               f"the config expects {shape}")
+    state = {k: state[k].to(device=device, dtype=dtype) for k in expected}
+    model.load_state_dict(state, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model._build_position_tables()  # re-create the non-persistent tables on the real device
+    return model.eval()
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_hf_checkpoint(model: Transformer, folder: str | Path) -> Path:
+    """Write config.json + model.safetensors (+ pagoda_config.json) atomically, file by file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    if hf_compatible(cfg):
+        tensors, metadata = pagoda_to_hf(state, cfg), {"format": "pt"}
+        _atomic_json(folder / "config.json", config_to_hf(cfg))
+    else:
+        if cfg.tie_embeddings:
+            state.pop("lm_head.weight")
+        tensors, metadata = state, {"format": "pagoda"}
+    tmp = folder / "model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / "model.safetensors")
+    _atomic_json(folder / PAGODA_CONFIG, cfg.to_dict())
+    return folder

@@ -1,0 +1,115 @@
+"""Translate between Hugging Face `config.json` and `ModelConfig` (llama, mistral, qwen2, gpt2)."""
+
+from typing import Any
+
+from pagoda.errors import ConfigError
+from pagoda.model.config import ModelConfig
+
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, float] | None]:
+    """rope_theta and Llama-3 scaling, from either the v4 or the v5 (`rope_parameters`) layout."""
+    params = hf.get("rope_parameters") or {}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = hf.get("rope_scaling") or (params if params.get("rope_type") == "llama3" else None)
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default", "llama3"):
+        raise ConfigError(f"unsupported rope scaling {scaling.get('rope_type')!r} "
+                          "(supported: default, llama3)")
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return theta, {k: float(scaling[k]) for k in keys}
+    return theta, None
+
+
+def config_from_hf(hf: dict[str, Any], name: str = "hf-model") -> ModelConfig:
+    """ModelConfig for a Hugging Face config.json dict; unsupported model types are refused."""
+    model_type = hf.get("model_type")
+    try:
+        if model_type == "gpt2":
+            d = hf["n_embd"]
+            return ModelConfig(
+                name=name, arch="gpt2", vocab_size=hf["vocab_size"], max_seq_len=hf["n_positions"],
+                d_model=d, n_layer=hf["n_layer"], n_head=hf["n_head"],
+                d_ff=hf.get("n_inner") or 4 * d, pos_encoding="learned", norm="layernorm",
+                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                activation=_ACTIVATIONS[hf.get("activation_function", "gelu_new")],
+                gated_ffn=False, attn_qkv_bias=True, attn_out_bias=True, ffn_bias=True,
+                tie_embeddings=hf.get("tie_word_embeddings", True),
+                bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
+        if model_type in ("llama", "mistral", "qwen2"):
+            theta, scaling = _rope(hf)
+            eos = hf.get("eos_token_id")
+            window = hf.get("sliding_window")
+            if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+                window = None
+            return ModelConfig(
+                name=name, arch=model_type, vocab_size=hf["vocab_size"],
+                max_seq_len=hf.get("max_position_embeddings", 2048), d_model=hf["hidden_size"],
+                n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"],
+                rope_theta=theta, rope_scaling=scaling, norm="rmsnorm",
+                norm_eps=hf.get("rms_norm_eps", 1e-6),
+                activation=_ACTIVATIONS[hf.get("hidden_act", "silu")], gated_ffn=True,
+                attn_qkv_bias=model_type == "qwen2" or hf.get("attention_bias", False),
+                attn_out_bias=model_type == "llama" and hf.get("attention_bias", False),
+                ffn_bias=hf.get("mlp_bias", False),
+                tie_embeddings=hf.get("tie_word_embeddings", model_type == "qwen2"),
+                sliding_window=window, bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=eos[0] if isinstance(eos, list) else eos)
+    except KeyError as exc:
+        raise ConfigError(f"config.json of a {model_type} model lacks the field {exc}") from exc
+    raise ConfigError(f"unsupported model_type {model_type!r} in config.json "
+                      f"(supported: {', '.join(HF_ARCHITECTURES)})")
+
+
+def hf_compatible(cfg: ModelConfig) -> bool:
+    """Whether `transformers` has a class that computes exactly this config."""
+    common = cfg.norm_position == "pre" and cfg.final_norm and cfg.causal and not cfg.n_experts
+    if cfg.arch == "gpt2":
+        return common and cfg.pos_encoding == "learned" and cfg.norm == "layernorm" and \
+            not cfg.gated_ffn and cfg.attn_qkv_bias and cfg.attn_out_bias and cfg.ffn_bias
+    if cfg.arch in ("llama", "mistral", "qwen2"):
+        return common and cfg.pos_encoding == "rope" and cfg.norm == "rmsnorm" and cfg.gated_ffn \
+            and not cfg.scale_embeddings
+    return False
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """config.json contents that `transformers.AutoConfig` reads back into the same model."""
+    if not hf_compatible(cfg):
+        raise ConfigError(f"config '{cfg.name}' has no Hugging Face equivalent "
+                          "(post-norm, MoE, sinusoidal or mixed switches)")
+    act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[cfg.activation]
+    ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+           "tie_word_embeddings": cfg.tie_embeddings, "architectures": [HF_ARCHITECTURES[cfg.arch]],
+           "model_type": cfg.arch, "torch_dtype": "float32"}
+    if cfg.arch == "gpt2":
+        return {**ids, "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seq_len,
+                "n_ctx": cfg.max_seq_len, "n_embd": cfg.d_model, "n_layer": cfg.n_layer,
+                "n_head": cfg.n_head, "n_inner": cfg.d_ff, "activation_function": act,
+                "layer_norm_epsilon": cfg.norm_eps}
+    hf = {**ids, "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,
+          "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer,
+          "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
+          "head_dim": cfg.dim_head, "intermediate_size": cfg.d_ff, "hidden_act": act,
+          "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+          "mlp_bias": cfg.ffn_bias}
+    if cfg.rope_scaling:
+        hf["rope_scaling"] = {"rope_type": "llama3", **cfg.rope_scaling}
+    if cfg.arch == "llama":
+        hf["attention_bias"] = cfg.attn_qkv_bias
+    if cfg.arch == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    if cfg.arch == "qwen2":
+        hf["use_sliding_window"] = cfg.sliding_window is not None
+        hf["sliding_window"] = cfg.sliding_window
+    return hf
