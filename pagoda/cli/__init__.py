@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line, however many lines it was raised with."""
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `pagoda` console script."""
     parser = build_parser()
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except PagodaError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -63,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             raise
-        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
-              "traceback)", file=sys.stderr)
+        print(f"internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for "
+              "the traceback)", file=sys.stderr)
         return 2
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from rich.console import Console
 
@@ -131,9 +132,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         messages.append({"role": "user", "content": line})
         ids = _fit(loaded, messages, reserve=min(params.max_tokens or 256, 256))
+        room = loaded.model.cfg.max_seq_len - len(ids)  # a long reply may use what is left
+        turn = replace(params, max_tokens=max(1, min(params.max_tokens or room, room)))
         reply, timings = [], Timings()
         try:
-            for delta in stream_text(loaded.model, loaded.tokenizer, [ids], [params], timings):
+            for delta in stream_text(loaded.model, loaded.tokenizer, [ids], [turn], timings):
                 reply.append(delta.text)
                 print(delta.text, end="", flush=True)
         except KeyboardInterrupt:

@@ -99,10 +99,10 @@ def generate_tokens(
     timings = timings if timings is not None else Timings()
     B, longest = len(prompts), max(len(p) for p in prompts)
     pad = [longest - len(p) for p in prompts]
-    cache = KVCache(
+    cache = KVCache(  # left padding can need more slots than the context (positions cannot)
         model.cfg,
         B,
-        min(context, longest + max(budgets)),
+        longest + max(budgets),
         pad=pad,
         device=model.device,
         dtype=model.dtype,
@@ -138,7 +138,9 @@ def generate_tokens(
         if running:  # decode time = sampling + the forward passes of the tokens fed back
             timings.decode_tokens += len(running)
             step = torch.tensor(picked.token_ids, device=model.device)[:, None]  # (B, 1)
-            logits = model(step, cache=cache, last_only=True)[:, -1]
+            # finished rows ride along until the batch ends: keep them inside the position table
+            positions = cache.positions(1).clamp_max(context - 1)  # (B, 1)
+            logits = model(step, cache=cache, last_only=True, positions=positions)[:, -1]
         timings.decode_s += time.perf_counter() - start
         yield events
         running -= cancelled

@@ -13,6 +13,14 @@ from pagoda.model.kv_cache import AttentionCache
 from pagoda.model.position import apply_rope
 
 
+class Rotary(nn.Module):
+    """Applies RoPE to queries and keys (a module, so inference can swap in a fused kernel)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
 class Attention(nn.Module):
     """Projects x to queries/keys/values, attends, and projects back to d_model."""
 
@@ -26,6 +34,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=cfg.attn_qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=cfg.attn_qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.d_model, bias=cfg.attn_out_bias)
+        self.rotary = Rotary()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: AttentionCache | None, mask: torch.Tensor | None) -> torch.Tensor:
@@ -34,8 +43,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
         if rope is not None:
-            cos, sin = rope  # (B, 1, T, hd)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = self.rotary(q, k, *rope)  # cos, sin: (B, 1, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, hd), S = cached + T
         y = self._attend(q, k, v, mask)  # (B, H, T, hd)

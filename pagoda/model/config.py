@@ -6,6 +6,7 @@ only in the switches below (LitGPT's idea). Presets are named configs; `from_nam
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -146,9 +147,9 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
-        """Look up a preset by name (see `PRESETS`), optionally overriding fields."""
+        """A copy of a preset (see `PRESETS`), optionally with some fields overridden."""
         from pagoda.model.presets import PRESETS
 
         if name not in PRESETS:
             raise ConfigError(f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}")
-        return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+        return copy.deepcopy(PRESETS[name]).replace(**overrides)  # callers may mutate it

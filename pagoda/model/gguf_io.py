@@ -43,7 +43,9 @@ def _reader(path: Path):
         return gguf.GGUFReader(path)
     except WeightsError:
         raise
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+    except OSError as exc:
+        raise WeightsError(f"cannot read {path}: {exc}") from exc
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
         raise WeightsError(f"{path} is truncated or corrupt: {exc}") from exc
 
 
@@ -51,8 +53,14 @@ def read_gguf_metadata(path: str | Path, reader: Any = None) -> dict[str, Any]:
     """Every key/value of the GGUF header as plain Python values (str, int, float, lists)."""
     reader = reader or _reader(Path(path))
     meta: dict[str, Any] = {}
+    import gguf
+
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY and field.types[-1] == gguf.GGUFValueType.STRING:
+            # contents() is ~40x slower on 50k-entry vocabularies; decode the raw parts directly
+            meta[key] = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
             continue
         value = field.contents()
         meta[key] = value.tolist() if isinstance(value, np.ndarray) else value

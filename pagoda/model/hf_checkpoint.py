@@ -22,6 +22,7 @@ from pagoda.model.hf_config import config_from_hf, config_to_hf, hf_compatible
 from pagoda.model.transformer import Transformer
 
 PAGODA_CONFIG = "pagoda_config.json"
+INDEX = "model.safetensors.index.json"  # sharded checkpoints: tensor name -> shard file
 
 # (HF name pattern, our name) for the llama-like families; {i} is the layer index.
 _LLAMA_NAMES = [
@@ -128,9 +129,16 @@ def read_config(folder: Path) -> ModelConfig:
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
+    index = folder / INDEX
     if index.exists():
-        return sorted({folder / f for f in _read_json(index)["weight_map"].values()})
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{index} has no weight_map: the sharded checkpoint is corrupt")
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise WeightsError(f"{index} lists shards that are missing: {', '.join(missing)}")
+        return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise WeightsError(f"{folder} has no *.safetensors weights")
@@ -170,6 +178,10 @@ def build_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: to
     if missing:
         raise WeightsError(f"{source} lacks {len(missing)} tensors the config needs, "
                            f"e.g. {', '.join(missing[:3])}")
+    unused = sorted(set(state) - set(expected))  # silently dropping them would change the model
+    if unused:
+        raise WeightsError(f"{source} has {len(unused)} tensors the config does not use, "
+                           f"e.g. {', '.join(unused[:3])}: the config does not match the weights")
     for name, shape in expected.items():
         if tuple(state[name].shape) != shape:
             raise WeightsError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
@@ -210,4 +222,20 @@ def save_hf_checkpoint(model: Transformer, folder: str | Path) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, folder / "model.safetensors")
     _atomic_json(folder / PAGODA_CONFIG, cfg.to_dict())
+    _remove_stale(folder, keep_config_json=hf_compatible(cfg))
     return folder
+
+
+def _remove_stale(folder: Path, keep_config_json: bool) -> None:
+    """Delete what an earlier save left that loaders would read instead of the new weights."""
+    index = folder / INDEX
+    if index.exists():  # an earlier sharded save: its index and shards
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, json.JSONDecodeError, AttributeError):
+            shards = set()
+        for name in shards - {"model.safetensors"}:
+            (folder / name).unlink(missing_ok=True)
+        index.unlink()
+    if not keep_config_json:  # an earlier HF-layout save: would be read as this model's config
+        (folder / "config.json").unlink(missing_ok=True)

@@ -19,14 +19,46 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, float] | None]:
     """rope_theta and Llama-3 scaling, from either the v4 or the v5 (`rope_parameters`) layout."""
     params = hf.get("rope_parameters") or {}
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    scaling = hf.get("rope_scaling") or (params if params.get("rope_type") == "llama3" else None)
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default", "llama3"):
-        raise ConfigError(f"unsupported rope scaling {scaling.get('rope_type')!r} "
-                          "(supported: default, llama3)")
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+    scaling = hf.get("rope_scaling") or params
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in (None, "default", "llama3"):
+        raise ConfigError(f"unsupported rope scaling {kind!r} (supported: default, llama3)")
+    if kind == "llama3":
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         return theta, {k: float(scaling[k]) for k in keys}
     return theta, None
+
+
+# transformers' config-class defaults for the fields a config.json may leave out.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"max_position_embeddings": 2048, "tie_word_embeddings": False},
+    "mistral": {"max_position_embeddings": 131072, "tie_word_embeddings": False,
+                "sliding_window": 4096},
+    "qwen2": {"max_position_embeddings": 32768, "tie_word_embeddings": False,
+              "sliding_window": 4096, "max_window_layers": 28},
+}
+
+
+def _activation(name: str) -> str:
+    if name not in _ACTIVATIONS:
+        raise ConfigError(f"unsupported activation {name!r} in config.json "
+                          f"(supported: {', '.join(_ACTIVATIONS)})")
+    return _ACTIVATIONS[name]
+
+
+def _sliding_window(hf: dict[str, Any], model_type: str) -> int | None:
+    """The window every layer uses (None: full attention); mixed layer types are refused."""
+    if model_type == "mistral":
+        return hf["sliding_window"]
+    if model_type != "qwen2" or not hf.get("use_sliding_window", False):
+        return None  # transformers' Llama ignores sliding_window; Qwen2 needs the switch
+    n_layer = hf["num_hidden_layers"]
+    kinds = hf.get("layer_types") or ["sliding_attention" if i >= hf["max_window_layers"]
+                                      else "full_attention" for i in range(n_layer)]
+    if len(set(kinds)) > 1:
+        raise ConfigError("config.json mixes full and sliding-window attention layers, "
+                          "which Pagoda does not support")
+    return hf["sliding_window"] if kinds[0] == "sliding_attention" else None
 
 
 def config_from_hf(hf: dict[str, Any], name: str = "hf-model") -> ModelConfig:
@@ -36,34 +68,33 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf-model") -> ModelConfig:
         if model_type == "gpt2":
             d = hf["n_embd"]
             return ModelConfig(
-                name=name, arch="gpt2", vocab_size=hf["vocab_size"], max_seq_len=hf["n_positions"],
-                d_model=d, n_layer=hf["n_layer"], n_head=hf["n_head"],
-                d_ff=hf.get("n_inner") or 4 * d, pos_encoding="learned", norm="layernorm",
-                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                activation=_ACTIVATIONS[hf.get("activation_function", "gelu_new")],
+                name=name, arch="gpt2", vocab_size=hf["vocab_size"],
+                max_seq_len=hf.get("n_positions", 1024), d_model=d, n_layer=hf["n_layer"],
+                n_head=hf["n_head"], d_ff=hf.get("n_inner") or 4 * d, pos_encoding="learned",
+                norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                activation=_activation(hf.get("activation_function", "gelu_new")),
                 gated_ffn=False, attn_qkv_bias=True, attn_out_bias=True, ffn_bias=True,
                 tie_embeddings=hf.get("tie_word_embeddings", True),
                 bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
         if model_type in ("llama", "mistral", "qwen2"):
+            hf = {**_HF_DEFAULTS[model_type], **hf}
             theta, scaling = _rope(hf)
             eos = hf.get("eos_token_id")
-            window = hf.get("sliding_window")
-            if model_type == "qwen2" and not hf.get("use_sliding_window", False):
-                window = None
+            llama_bias = model_type == "llama" and hf.get("attention_bias", False)
             return ModelConfig(
                 name=name, arch=model_type, vocab_size=hf["vocab_size"],
-                max_seq_len=hf.get("max_position_embeddings", 2048), d_model=hf["hidden_size"],
+                max_seq_len=hf["max_position_embeddings"], d_model=hf["hidden_size"],
                 n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                 n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                 head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"],
                 rope_theta=theta, rope_scaling=scaling, norm="rmsnorm",
                 norm_eps=hf.get("rms_norm_eps", 1e-6),
-                activation=_ACTIVATIONS[hf.get("hidden_act", "silu")], gated_ffn=True,
-                attn_qkv_bias=model_type == "qwen2" or hf.get("attention_bias", False),
-                attn_out_bias=model_type == "llama" and hf.get("attention_bias", False),
-                ffn_bias=hf.get("mlp_bias", False),
-                tie_embeddings=hf.get("tie_word_embeddings", model_type == "qwen2"),
-                sliding_window=window, bos_token_id=hf.get("bos_token_id"),
+                activation=_activation(hf.get("hidden_act", "silu")), gated_ffn=True,
+                attn_qkv_bias=model_type == "qwen2" or llama_bias, attn_out_bias=llama_bias,
+                ffn_bias=model_type == "llama" and hf.get("mlp_bias", False),
+                tie_embeddings=hf["tie_word_embeddings"],
+                sliding_window=_sliding_window(hf, model_type),
+                bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=eos[0] if isinstance(eos, list) else eos)
     except KeyError as exc:
         raise ConfigError(f"config.json of a {model_type} model lacks the field {exc}") from exc
@@ -73,13 +104,23 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf-model") -> ModelConfig:
 
 def hf_compatible(cfg: ModelConfig) -> bool:
     """Whether `transformers` has a class that computes exactly this config."""
-    common = cfg.norm_position == "pre" and cfg.final_norm and cfg.causal and not cfg.n_experts
+    common = cfg.norm_position == "pre" and cfg.final_norm and cfg.causal and \
+        not cfg.n_experts and not cfg.scale_embeddings
     if cfg.arch == "gpt2":
         return common and cfg.pos_encoding == "learned" and cfg.norm == "layernorm" and \
-            not cfg.gated_ffn and cfg.attn_qkv_bias and cfg.attn_out_bias and cfg.ffn_bias
-    if cfg.arch in ("llama", "mistral", "qwen2"):
-        return common and cfg.pos_encoding == "rope" and cfg.norm == "rmsnorm" and cfg.gated_ffn \
-            and not cfg.scale_embeddings
+            not cfg.gated_ffn and cfg.attn_qkv_bias and cfg.attn_out_bias and cfg.ffn_bias and \
+            cfg.kv_heads == cfg.n_head and cfg.dim_head * cfg.n_head == cfg.d_model and \
+            cfg.sliding_window is None
+    # Which biases each class has: Llama's attention_bias covers q/k/v and o; Mistral has none;
+    # Qwen2 always has q/k/v biases only. Llama has no sliding window.
+    biases = {
+        "llama": cfg.attn_qkv_bias == cfg.attn_out_bias and cfg.sliding_window is None,
+        "mistral": not (cfg.attn_qkv_bias or cfg.attn_out_bias or cfg.ffn_bias),
+        "qwen2": cfg.attn_qkv_bias and not (cfg.attn_out_bias or cfg.ffn_bias),
+    }
+    if cfg.arch in biases:
+        return common and cfg.pos_encoding == "rope" and cfg.norm == "rmsnorm" and \
+            cfg.gated_ffn and biases[cfg.arch]
     return False
 
 
@@ -87,7 +128,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """config.json contents that `transformers.AutoConfig` reads back into the same model."""
     if not hf_compatible(cfg):
         raise ConfigError(f"config '{cfg.name}' has no Hugging Face equivalent "
-                          "(post-norm, MoE, sinusoidal or mixed switches)")
+                          "(post-norm, MoE, sinusoidal, or switches its family lacks)")
     act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[cfg.activation]
     ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
            "tie_word_embeddings": cfg.tie_embeddings, "architectures": [HF_ARCHITECTURES[cfg.arch]],
@@ -112,4 +153,5 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.arch == "qwen2":
         hf["use_sliding_window"] = cfg.sliding_window is not None
         hf["sliding_window"] = cfg.sliding_window
+        hf["max_window_layers"] = 0  # the window applies to every layer, as in Pagoda
     return hf

