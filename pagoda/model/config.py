@@ -43,8 +43,9 @@ class ModelConfig:
     pos_encoding: PositionalEncoding = "rope"
     rope_theta: float = 10000.0
     # Llama-3.1 style long-context scaling: {"factor", "low_freq_factor", "high_freq_factor",
-    # "original_max_position_embeddings"}; None for plain RoPE.
-    rope_scaling: dict[str, float] | None = None
+    # "original_max_position_embeddings"}, or {"freq_factors": [...]} (one divisor per frequency,
+    # as GGUF files store it); None for plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
     # Multiply token embeddings by sqrt(d_model) (the original Transformer does).
     scale_embeddings: bool = False
 

@@ -126,9 +126,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
         for t in reader.tensors:
             m = re.match(r"^blk\.(\d+)\.(.+)$", t.name)
             key = m.group(2) if m else t.name
-            if key not in _NAMES:
-                continue  # e.g. rope_freqs: recomputed from the config
             array = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+            if key == "rope_freqs.weight":  # Llama 3.1+: per-frequency divisors of long-context RoPE
+                cfg = cfg.replace(rope_scaling={"freq_factors": array.astype(float).tolist()})
+            if key not in _NAMES:
+                continue
             if cfg.arch == "llama" and key in ("attn_q.weight", "attn_k.weight"):
                 array = _unpermute(array, cfg.n_head if key == "attn_q.weight" else cfg.kv_heads)
             ours = f"layers.{m.group(1)}.{_NAMES[key]}" if m else _NAMES[key]

@@ -211,7 +211,9 @@ def save_hf_checkpoint(model: Transformer, folder: str | Path) -> Path:
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     if hf_compatible(cfg):
         tensors, metadata = pagoda_to_hf(state, cfg), {"format": "pt"}
-        _atomic_json(folder / "config.json", config_to_hf(cfg))
+        hf_config = config_to_hf(cfg)
+        hf_config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+        _atomic_json(folder / "config.json", hf_config)
     else:
         if cfg.tie_embeddings:
             state.pop("lm_head.weight")

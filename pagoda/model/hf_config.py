@@ -105,7 +105,8 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf-model") -> ModelConfig:
 def hf_compatible(cfg: ModelConfig) -> bool:
     """Whether `transformers` has a class that computes exactly this config."""
     common = cfg.norm_position == "pre" and cfg.final_norm and cfg.causal and \
-        not cfg.n_experts and not cfg.scale_embeddings
+        not cfg.n_experts and not cfg.scale_embeddings and \
+        "freq_factors" not in (cfg.rope_scaling or {})
     if cfg.arch == "gpt2":
         return common and cfg.pos_encoding == "learned" and cfg.norm == "layernorm" and \
             not cfg.gated_ffn and cfg.attn_qkv_bias and cfg.attn_out_bias and cfg.ffn_bias and \

@@ -20,6 +20,8 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     scaling = cfg.rope_scaling
     if not scaling:
         return inv_freq.float()
+    if "freq_factors" in scaling:  # GGUF's rope_freqs tensor: the scaling already computed
+        return (inv_freq / torch.tensor(scaling["freq_factors"], dtype=torch.float64)).float()
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_ctx = scaling["original_max_position_embeddings"]

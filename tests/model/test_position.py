@@ -107,3 +107,12 @@ def test_sinusoidal_table_with_odd_width():
     table = sinusoidal_table(10, 5)
     assert table.shape == (10, 5)
     assert table[3, 4].item() == pytest.approx(math.sin(3 / 10000 ** (4 / 5)), abs=1e-5)
+
+
+def test_gguf_freq_factors_divide_the_frequencies():
+    cfg = ModelConfig.from_name("tiny-llama")
+    half = cfg.dim_head // 2
+    plain = rope_frequencies(cfg)
+    factors = [1.0] * (half // 2) + [4.0] * (half - half // 2)
+    scaled = rope_frequencies(cfg.replace(rope_scaling={"freq_factors": factors}))
+    torch.testing.assert_close(scaled, plain / torch.tensor(factors))
