@@ -47,3 +47,11 @@ class ContextLengthError(InvalidRequestError):
     """The prompt (plus requested tokens) does not fit the model's context window."""
 
     code = "context_length_exceeded"
+
+
+class QueueFullError(PagodaError):
+    """The engine's waiting queue is full; the client should retry later."""
+
+    http_status = 503
+    error_type = "server_error"
+    code = "queue_full"

@@ -113,14 +113,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
     loaded = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
-    out = Console(highlight=False)
+    out = Console(highlight=False, quiet=args.json)  # --json: one JSON line per reply only
     out.print(f"[bold]{args.model}[/] ready. /reset starts over, /exit quits "
               "(Ctrl-C stops a reply).")
     while True:
         try:
-            line = input(">>> ").strip()
+            line = input("" if args.json else ">>> ").strip()
         except EOFError:
-            print()
+            out.print()
             return
         if line in ("/exit", "/quit"):
             return
@@ -134,17 +134,25 @@ def cmd_chat(args: argparse.Namespace) -> None:
         ids = _fit(loaded, messages, reserve=min(params.max_tokens or 256, 256))
         room = loaded.model.cfg.max_seq_len - len(ids)  # a long reply may use what is left
         turn = replace(params, max_tokens=max(1, min(params.max_tokens or room, room)))
-        reply, timings = [], Timings()
+        reply, timings, n_tokens = [], Timings(), 0
         try:
             for delta in stream_text(loaded.model, loaded.tokenizer, [ids], [turn], timings):
                 reply.append(delta.text)
-                print(delta.text, end="", flush=True)
+                n_tokens += 1
+                if not args.json:
+                    print(delta.text, end="", flush=True)
         except KeyboardInterrupt:
             out.print(" [dim](stopped)[/]", end="")
         except ContextLengthError as exc:
             out.print(f"[red]{exc}[/] — use /reset")
             messages.pop()
             continue
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        if args.json:
+            print(json.dumps({"role": "assistant", "content": "".join(reply),
+                              "usage": {"prompt_tokens": len(ids),
+                                        "completion_tokens": n_tokens},
+                              "timings": timings.to_dict()}, ensure_ascii=False), flush=True)
+            continue
         print()
         out.print(f"[dim]{timings.decode_tok_s:.1f} tok/s[/]")
-        messages.append({"role": "assistant", "content": "".join(reply)})

@@ -35,8 +35,8 @@ class Completion:
     finish_reason: str | None = None
 
 
-class _SequenceText:
-    """Detokenizer + stop-string matcher of one sequence."""
+class SequenceText:
+    """Detokenizer + stop-string matcher of one sequence (used by every text-producing layer)."""
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
         self.decoder = StreamDecoder(tokenizer)
@@ -59,7 +59,7 @@ def stream_text(
     timings: Timings | None = None,
 ) -> Iterator[TextDelta]:
     """Generate for every prompt at once, yielding text deltas as tokens arrive."""
-    texts = [_SequenceText(tokenizer, sp.stop) for sp in params]
+    texts = [SequenceText(tokenizer, sp.stop) for sp in params]
     cancelled: set[int] = set()
     for events in generate_tokens(model, prompts, params, tokenizer.eos_ids, timings, cancelled):
         for event in events:

@@ -44,9 +44,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
         if rope is not None:
             q, k = self.rotary(q, k, *rope)  # cos, sin: (B, 1, T, hd)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, hd), S = cached + T
-        y = self._attend(q, k, v, mask)  # (B, H, T, hd)
+        if cache is not None:  # stores k, v and attends over all S = cached + T keys
+            y = cache.attend(self.layer, q, k, v, mask, self._attend)  # (B, H, T, hd)
+        else:
+            y = self._attend(q, k, v, mask)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -1,16 +1,22 @@
 """The KV cache protocol the model talks to, and the contiguous preallocated cache.
 
 The model never knows how keys and values are stored: each attention layer hands its new
-(k, v) to `cache.update` and attends to what comes back. The cache also says where each new
-token sits (`positions`) and which cached keys it may see (`attention_mask`). The paged cache of
-the serving engine implements the same four methods.
+(k, v) to `cache.attend`, which stores them and attends over everything cached (by default with
+the layer's own SDPA call on what `update` returns). The cache also says where each new token
+sits (`positions`) and which cached keys it may see (`attention_mask`). The paged cache of the
+serving engine implements the same methods, with its own kernel for decode steps.
 """
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
 from pagoda.model.config import ModelConfig
+
+
+# attend_fn(q, k, v, mask) -> (B, H, n_new, hd): the attention layer's own SDPA computation.
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 class AttentionCache(Protocol):
@@ -26,6 +32,11 @@ class AttentionCache(Protocol):
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, n_kv, n_new, hd) for layer; return all keys/values to attend to."""
+        ...
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, attend_fn: AttendFn) -> torch.Tensor:
+        """Store k, v of the new tokens, then attention output (B, H, n_new, hd) for q."""
         ...
 
     def advance(self, n_new: int) -> None:
@@ -81,6 +92,11 @@ class KVCache:
         keys.narrow(2, self.length, n_new).copy_(k)  # narrow+copy_: a fraction of __setitem__'s cost
         values.narrow(2, self.length, n_new).copy_(v)
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, attend_fn: AttendFn) -> torch.Tensor:
+        k, v = self.update(layer, k, v)
+        return attend_fn(q, k, v, mask)
 
     def advance(self, n_new: int) -> None:
         self.length += n_new

@@ -23,7 +23,7 @@ def skinny(x, w, b=None):
 
 
 @needs_native
-@pytest.mark.parametrize("rows", range(1, 9))
+@pytest.mark.parametrize("rows", [*range(1, 10), 16, 23, 64])
 @pytest.mark.parametrize("bias", [False, True])
 def test_skinny_linear_matches_f_linear(rows, bias):
     g = torch.Generator().manual_seed(rows)
@@ -40,8 +40,8 @@ def test_skinny_linear_non_contiguous_inputs_and_errors():
     w = torch.randn(37, 20).t()  # (20, 37)
     b = torch.randn(40)[::2]  # stride 2
     torch.testing.assert_close(skinny(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
-    with pytest.raises(RuntimeError, match="1..8 rows"):
-        skinny(torch.randn(9, 8), torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="1..64 rows"):
+        skinny(torch.randn(65, 8), torch.randn(4, 8))
     with pytest.raises(RuntimeError, match="float32"):
         skinny(torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="shape"):
@@ -77,8 +77,8 @@ def test_skinny_linear_module_dispatch(linear_calls):
         linear_calls.clear()
         layer(x)
         assert linear_calls == []  # the kernel ran
-        layer(torch.randn(9, 24))  # too many rows
-        assert linear_calls == [(9, 24)]
+        layer(torch.randn(65, 24))  # too many rows
+        assert linear_calls == [(65, 24)]
         xt = x.transpose(0, 1)  # not contiguous, still 6 fp32 rows: kernel
         torch.testing.assert_close(layer(xt), ref(xt), atol=1e-4, rtol=1e-4)
         assert len(linear_calls) == 2  # only ref's call was added

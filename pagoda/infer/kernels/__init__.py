@@ -1,6 +1,6 @@
 """Native CPU kernels for decoding, compiled on first use (torch's C++ extension builder).
 
-`skinny_linear` computes x @ w.T (+ b) for inputs of 1-8 rows — every decode step — splitting the
+`skinny_linear` computes x @ w.T (+ b) for inputs of 1-64 rows — every decode step of a batch — splitting the
 weight rows over torch's thread pool; MKL runs these shapes on one thread at about half the
 memory bandwidth. `rms_norm` and `rope_` replace a dozen small torch ops each, whose dispatch
 overhead adds up to a sixth of a decode step. The model keeps its readable PyTorch code:
@@ -25,7 +25,7 @@ from pagoda.model.norm import RMSNorm
 from pagoda.paths import pagoda_home
 
 log = logging.getLogger(__name__)
-MAX_ROWS = 8
+MAX_ROWS = 64
 _SOURCE = Path(__file__).with_name("gemv_cpu.cpp")
 
 

@@ -3,7 +3,7 @@
 // MKL runs x @ w.T single-threaded when x has only a few rows, reaching about half the memory
 // bandwidth of two cores. Decoding is bound by reading the weights once per step, so we split the
 // output rows across torch's own thread pool and stream each weight row through AVX2 FMAs once
-// for all (up to 8) rows of x.
+// for every chunk of up to 8 rows of x (a decode batch of up to 64 sequences).
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
@@ -14,7 +14,8 @@
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;
+constexpr int64_t kMaxRows = 64;  // rows of x per call (a decode batch)
+constexpr int kChunk = 8;         // rows sharing one pass over a weight row
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -41,24 +42,34 @@ inline void dot_rows(const float* x, int64_t ldx, const float* w, int64_t K, flo
 }
 
 template <int M>
-void gemv_block(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N,
-                int64_t begin, int64_t end) {
+void dot_rows_bias(const float* x, int64_t K, const float* w, const float* bias, float* y,
+                   int64_t N, int64_t n) {
   float tmp[M];
-  for (int64_t n = begin; n < end; ++n) {
-    dot_rows<M>(x, K, w + n * K, K, tmp);
-    float b = bias ? bias[n] : 0.f;
-    for (int m = 0; m < M; ++m) y[m * N + n] = tmp[m] + b;
-  }
+  dot_rows<M>(x, K, w, K, tmp);
+  const float b = bias ? bias[n] : 0.f;
+  for (int m = 0; m < M; ++m) y[m * N + n] = tmp[m] + b;
 }
 
-using Block = void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
-constexpr Block kBlocks[kMaxRows] = {gemv_block<1>, gemv_block<2>, gemv_block<3>, gemv_block<4>,
-                                     gemv_block<5>, gemv_block<6>, gemv_block<7>, gemv_block<8>};
+using RowsFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t);
+constexpr RowsFn kRows[kChunk] = {dot_rows_bias<1>, dot_rows_bias<2>, dot_rows_bias<3>, dot_rows_bias<4>,
+                                  dot_rows_bias<5>, dot_rows_bias<6>, dot_rows_bias<7>, dot_rows_bias<8>};
+
+// Output columns [begin, end): each weight row is loaded from memory once, then reused from L1
+// for every chunk of up to 8 input rows.
+void gemv_block(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t K,
+                int64_t N, int64_t begin, int64_t end) {
+  for (int64_t n = begin; n < end; ++n) {
+    for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
+      const int64_t rows = std::min<int64_t>(kChunk, M - m0);
+      kRows[rows - 1](x + m0 * K, K, w + n * K, bias, y + m0 * N, N, n);
+    }
+  }
+}
 
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "shape mismatch");
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "float32 only");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "1..8 rows only");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "1..64 rows only");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
@@ -74,10 +85,9 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::op
   const float* xp = xc.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  Block block = kBlocks[M - 1];
   // ~16 KiB of weights per task keeps scheduling overhead small against the memory traffic.
   const int64_t grain = std::max<int64_t>(1, 4096 / K);
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { block(xp, wp, bp, yp, K, N, begin, end); });
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { gemv_block(xp, wp, bp, yp, M, K, N, begin, end); });
   return y;
 }
 
@@ -187,6 +197,56 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// Decode attention straight from a paged KV pool: q (B, H, 1, hd); k_pool, v_pool (slots, Hkv,
+// hd); slots (B, S_max) int64 naming each row's cached positions in order; lengths (B) how many
+// of them row b attends to. No gather: each key row is read in place.
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                  const at::Tensor& slots, const at::Tensor& lengths) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.stride(3) == 1, "q (B,H,1,hd) with unit last stride");
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.dim() == 3, "pools (slots,Hkv,hd) contiguous");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_pool.scalar_type() == at::kFloat, "float32 only");
+  auto sl = slots.to(at::kLong).contiguous();
+  auto len = lengths.to(at::kLong).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(3), Hkv = k_pool.size(1), Smax = sl.size(1);
+  TORCH_CHECK(H % Hkv == 0 && k_pool.size(2) == hd && sl.size(0) == B && len.numel() == B, "shape mismatch");
+  auto out = at::empty({B, H, 1, hd}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_pool.data_ptr<float>();
+  const float* vp = v_pool.data_ptr<float>();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  const int64_t* lp = len.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = H / Hkv, row = Hkv * hd;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(Smax);
+    std::vector<float> acc(hd);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / group, S = std::min(lp[b], Smax);
+      const float* qv = qp + b * q.stride(0) + h * q.stride(1);
+      float best = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        const float* kr = kp + sp[b * Smax + s] * row + g * hd;
+        float dot = 0.f;
+        for (int64_t d = 0; d < hd; ++d) dot += qv[d] * kr[d];
+        scores[s] = dot * scale;
+        best = std::max(best, scores[s]);
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float total = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        const float p = std::exp(scores[s] - best);
+        total += p;
+        const float* vr = vp + sp[b * Smax + s] * row + g * hd;
+        for (int64_t d = 0; d < hd; ++d) acc[d] += p * vr[d];
+      }
+      float* o = op + (b * H + h) * hd;
+      for (int64_t d = 0; d < hd; ++d) o[d] = total > 0.f ? acc[d] / total : 0.f;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pagoda_kernels, m) {
@@ -194,4 +254,6 @@ TORCH_LIBRARY(pagoda_kernels, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()", &rope_);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);
+  m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor slots, Tensor lengths) -> Tensor",
+        &paged_decode_attention);
 }

@@ -1,0 +1,235 @@
+"""`Engine`: continuous batching over a paged KV cache — token ids in, token ids out.
+
+Every storey that generates (CLI chat, API server, RAG, agents, RL rollouts, evaluation) calls
+this engine. `Engine.step()` runs one scheduler step: the forward passes for the planned tokens
+(sequences adding the same number of tokens share one pass) and one batched sampling call.
+`AsyncEngine` drives `step()` from a background thread for asyncio callers such as the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from pagoda.errors import InvalidRequestError, QueueFullError
+from pagoda.infer.generate import check_request
+from pagoda.infer.kernels import use_native_kernels
+from pagoda.infer.paged_cache import PagedBatch, PagedKVPool
+from pagoda.infer.sampling import SamplingParams, SequenceSamplingState, sample
+from pagoda.infer.scheduler import Scheduler, Sequence
+from pagoda.model.transformer import Transformer
+
+
+@dataclass
+class EngineConfig:
+    """Capacity settings of the engine."""
+
+    max_running: int = 16  # sequences decoded together (continuous batching)
+    max_waiting: int = 256  # waiting-queue cap; beyond it add_request raises QueueFullError
+    block_size: int = 16  # tokens per KV-cache block
+    # KV pool size in tokens; None: room for max_running sequences of up to 2048 tokens each.
+    kv_cache_tokens: int | None = None
+    max_step_tokens: int = 512  # token budget per step; longer prompts prefill in chunks
+
+
+@dataclass
+class TokenOutput:
+    """One new token of one request."""
+
+    request_id: str
+    token_id: int
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]]
+    finish_reason: str | None  # "stop" (EOS / stop token), "length", or None while running
+    prompt_tokens: int
+
+
+@dataclass
+class EngineStats:
+    """What the engine holds right now (exported as metrics)."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    block_size: int
+
+
+class Engine:
+    """Synchronous continuous-batching core; not thread-safe (see `AsyncEngine`)."""
+
+    def __init__(self, model: Transformer, eos_ids: frozenset[int],
+                 config: EngineConfig | None = None) -> None:
+        self.model = use_native_kernels(model.eval())
+        self.eos_ids = frozenset(eos_ids)
+        self.config = config = config or EngineConfig()
+        tokens = config.kv_cache_tokens or config.max_running * min(model.cfg.max_seq_len, 2048)
+        self.pool = PagedKVPool(model.cfg, -(-tokens // config.block_size), config.block_size,
+                                device=model.device, dtype=model.dtype)
+        self.scheduler = Scheduler(self.pool, config.max_running, config.max_step_tokens)
+
+    def prepare(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """Validate a request (raising its errors) and build its sequence, without queueing it."""
+        budget = check_request(len(prompt_ids), params, self.model.cfg.max_seq_len)
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must be in 0..{vocab - 1}")
+        need = self.pool.blocks_needed(len(prompt_ids) + budget)
+        if need > self.pool.allocator.num_blocks:
+            raise InvalidRequestError(
+                f"prompt + max_tokens ({len(prompt_ids) + budget} tokens) exceeds the KV cache "
+                f"({self.pool.allocator.num_blocks * self.pool.block_size} tokens); lower max_tokens")
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
+                                                    else self.eos_ids)
+        return Sequence(request_id, list(prompt_ids), params, budget, stops,
+                        SequenceSamplingState.for_params(params, prompt_ids))
+
+    def admit(self, seq: Sequence) -> None:
+        """Queue a prepared sequence; QueueFullError when the waiting queue is at its cap."""
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"the server is busy ({len(self.scheduler.waiting)} requests "
+                                 "waiting); retry shortly")
+        self.scheduler.waiting.append(seq)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Validate and queue a request."""
+        self.admit(self.prepare(request_id, prompt_ids, params))
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request: its KV blocks are free again immediately."""
+        self.scheduler.remove(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    @property
+    def stats(self) -> EngineStats:
+        alloc = self.pool.allocator
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
+                           alloc.num_used, alloc.num_blocks, self.pool.block_size)
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenOutput]:
+        """Run one scheduled step; return the tokens it produced."""
+        groups: dict[int, list[Sequence]] = defaultdict(list)
+        for seq, n in self.scheduler.schedule():
+            groups[n].append(seq)
+        ready, logits = [], []
+        for n, seqs in groups.items():  # one forward pass per distinct chunk length
+            ids = torch.tensor([s.ids[s.cached:s.cached + n] for s in seqs], device=self.model.device)
+            batch = PagedBatch(self.pool, [s.table for s in seqs], [s.cached for s in seqs], n)
+            out = self.model(ids, cache=batch, last_only=True)[:, -1]  # (B, vocab)
+            for row, seq in enumerate(seqs):
+                seq.cached += n
+                if seq.pending == 0:  # all its tokens are cached: sample the next one
+                    ready.append(seq)
+                    logits.append(out[row])
+        if not ready:
+            return []
+        picked = sample(torch.stack(logits), [s.params for s in ready], [s.state for s in ready])
+        outputs = []
+        for i, seq in enumerate(ready):
+            token = picked.token_ids[i]
+            seq.state.append(token)
+            seq.output_ids.append(token)
+            reason = ("stop" if token in seq.stops else
+                      "length" if len(seq.output_ids) >= seq.budget else None)
+            if reason:
+                self.scheduler.release(seq)
+            outputs.append(TokenOutput(seq.request_id, token, picked.logprobs[i],
+                                       picked.top_logprobs[i], reason, len(seq.prompt_ids)))
+        return outputs
+
+
+class AsyncEngine:
+    """Runs `Engine.step()` in a background thread and streams each request's tokens to asyncio.
+
+    Requests and cancellations reach the worker through an inbox, so the event loop never waits
+    for a step to finish; outputs come back through `loop.call_soon_threadsafe`.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="pagoda-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.engine.stats
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[TokenOutput]:
+        """Tokens of one request as they are produced; closing the iterator cancels it."""
+        request_id = request_id or uuid.uuid4().hex
+        seq = self.engine.prepare(request_id, prompt_ids, params)  # raises bad-request errors
+        stats = self.engine.stats
+        if stats.waiting + self._inbox.qsize() >= self.engine.config.max_waiting:
+            raise QueueFullError(f"the server is busy ({stats.waiting} requests waiting); "
+                                 "retry shortly")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._send(("add", seq))
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finish_reason is not None
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send(("abort", request_id))
+
+    def shutdown(self) -> None:
+        """Stop the worker thread (pending requests are dropped)."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    def _send(self, message: tuple) -> None:
+        self._inbox.put(message)
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item: object) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            while not self._inbox.empty():
+                kind, payload = self._inbox.get()
+                if kind == "abort":
+                    self.engine.abort(payload)
+                    continue
+                try:
+                    self.engine.admit(payload)
+                except QueueFullError as exc:
+                    self._deliver(payload.request_id, exc)
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a bug must not hang every client: fail what is running
+                for seq in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:
+                    self.engine.abort(seq.request_id)
+                    self._deliver(seq.request_id, exc)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)

@@ -1,0 +1,126 @@
+"""Paged KV cache (as in vLLM): fixed-size blocks from one pool, a block table per sequence.
+
+Memory is taken block by block as sequences grow, never reserved for the longest possible
+request, and a finished or cancelled sequence returns its blocks at once. Keys and values live in
+(layers, slots, n_kv, hd) pools where slot = block * block_size + offset; `PagedBatch` is the view
+one forward pass uses (it implements the model's `AttentionCache` protocol).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagoda.infer.kernels import native_available
+from pagoda.model.config import ModelConfig
+from pagoda.model.kv_cache import AttendFn
+
+
+class BlockAllocator:
+    """A free list of block ids."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self) -> int | None:
+        """One free block, or None when the pool is exhausted."""
+        return self._free.pop() if self._free else None
+
+    def release(self, blocks: list[int]) -> None:
+        """Give blocks back (a sequence finished, was cancelled or preempted)."""
+        self._free.extend(reversed(blocks))
+
+
+class PagedKVPool:
+    """The key/value storage of every running sequence, plus its block allocator."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        shape = (cfg.n_layer, num_blocks * block_size, cfg.kv_heads, cfg.dim_head)
+        # torch.empty maps pages lazily: untouched blocks cost address space, not memory
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+        self.sliding_window = cfg.sliding_window
+
+    def blocks_needed(self, n_tokens: int) -> int:
+        """Blocks that hold n_tokens tokens."""
+        return -(-n_tokens // self.block_size)
+
+    def grow(self, table: list[int], n_tokens: int) -> bool:
+        """Extend a block table to hold n_tokens; False (table unchanged) if the pool is full."""
+        missing = self.blocks_needed(n_tokens) - len(table)
+        if missing > self.allocator.num_free:
+            return False
+        table.extend(self.allocator.allocate() for _ in range(max(0, missing)))
+        return True
+
+    def slots(self, table: list[int], start: int, end: int) -> list[int]:
+        """Pool slots of token positions start..end-1 of a sequence."""
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+
+class PagedBatch:
+    """One forward pass over B sequences that each add n_new tokens after `lengths` cached ones."""
+
+    def __init__(self, pool: PagedKVPool, tables: list[list[int]], lengths: list[int],
+                 n_new: int) -> None:
+        self.pool = pool
+        device = pool.k.device
+        self.lengths = torch.tensor(lengths, device=device)  # (B,) cached before this pass
+        self.total = self.lengths + n_new  # (B,) keys each row attends to
+        width = max(lengths) + n_new
+        self.new_slots = torch.tensor(
+            [s for t, n in zip(tables, lengths, strict=True) for s in pool.slots(t, n, n + n_new)],
+            device=device)  # (B * n_new,)
+        self.all_slots = torch.tensor(
+            [pool.slots(t, 0, n + n_new) + [0] * (width - n - n_new)
+             for t, n in zip(tables, lengths, strict=True)], device=device)  # (B, width)
+        self.use_kernel = (n_new == 1 and pool.sliding_window is None and device.type == "cpu"
+                           and pool.k.dtype == torch.float32 and native_available())
+
+    def positions(self, n_new: int) -> torch.Tensor:
+        return self.lengths.unsqueeze(1) + torch.arange(n_new, device=self.lengths.device)
+
+    def attention_mask(self, n_new: int) -> torch.Tensor | None:
+        if self.use_kernel:
+            return None  # the paged kernel reads exactly `total` keys per row
+        query = self.positions(n_new)  # (B, n_new) absolute positions
+        key = torch.arange(self.all_slots.shape[1], device=query.device)  # (S,)
+        visible = key[None, None, :] <= query[:, :, None]  # (B, n_new, S) causal, hides padding
+        if self.pool.sliding_window is not None:
+            visible &= key[None, None, :] > query[:, :, None] - self.pool.sliding_window
+        return visible.unsqueeze(1)  # (B, 1, n_new, S)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._store(layer, k, v)
+        keys = self.pool.k[layer][self.all_slots]  # (B, S, n_kv, hd) gathered copy
+        values = self.pool.v[layer][self.all_slots]
+        return keys.transpose(1, 2), values.transpose(1, 2)  # (B, n_kv, S, hd)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, attend_fn: AttendFn) -> torch.Tensor:
+        if not self.use_kernel:
+            keys, values = self.update(layer, k, v)
+            return attend_fn(q, keys, values, mask)
+        self._store(layer, k, v)
+        return torch.ops.pagoda_kernels.paged_decode_attention(
+            q, self.pool.k[layer], self.pool.v[layer], self.all_slots, self.total)
+
+    def advance(self, n_new: int) -> None:
+        """Nothing to do: the engine advances each sequence's length itself."""
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        B, n_kv, T, hd = k.shape
+        self.pool.k[layer].index_copy_(0, self.new_slots, k.transpose(1, 2).reshape(B * T, n_kv, hd))
+        self.pool.v[layer].index_copy_(0, self.new_slots, v.transpose(1, 2).reshape(B * T, n_kv, hd))

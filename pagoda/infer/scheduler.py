@@ -1,0 +1,106 @@
+"""Continuous-batching scheduler: which sequences run this step, and with how many tokens.
+
+Each step has a token budget. Running sequences that are decoding take one token each; a prompt
+being prefilled takes what is left of the budget (chunked prefill), so a long prompt never stalls
+the others. Waiting requests join between steps while there is room (running cap, budget, KV
+blocks). When the KV pool runs out mid-decode, the most recently admitted sequence is preempted:
+its blocks are freed and it is recomputed later from its tokens (vLLM's recompute preemption).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagoda.infer.paged_cache import PagedKVPool
+from pagoda.infer.sampling import SamplingParams, SequenceSamplingState
+
+
+@dataclass
+class Sequence:
+    """One request's tokens, KV blocks and sampling state."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    budget: int  # most tokens it may generate
+    stops: frozenset[int]  # token ids that end it
+    state: SequenceSamplingState
+    output_ids: list[int] = field(default_factory=list)
+    table: list[int] = field(default_factory=list)  # KV block ids, in order
+    cached: int = 0  # leading tokens whose keys/values are in the pool
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def pending(self) -> int:
+        """Tokens still to be run through the model before the next one can be sampled."""
+        return len(self.prompt_ids) + len(self.output_ids) - self.cached
+
+
+class Scheduler:
+    """Waiting queue + running set over one KV pool."""
+
+    def __init__(self, pool: PagedKVPool, max_running: int, max_step_tokens: int) -> None:
+        self.pool = pool
+        self.max_running = max_running
+        self.max_step_tokens = max_step_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, new tokens) pairs for this step; grows block tables to fit them."""
+        plan: dict[int, tuple[Sequence, int]] = {}  # id(seq) -> (seq, n), in schedule order
+        budget = self.max_step_tokens
+        # decoding sequences first (one token each), then prompts part-way through prefill
+        for seq in sorted(self.running, key=lambda s: s.pending > 1):
+            n = min(seq.pending, budget)
+            if seq not in self.running or n == 0:
+                continue  # preempted to make room for an earlier one, or no budget left
+            if self._make_room(seq, n, plan):
+                plan[id(seq)] = (seq, n)
+            budget = self.max_step_tokens - sum(n for _, n in plan.values())
+        while self.waiting and len(self.running) < self.max_running and budget > 0:
+            seq = self.waiting[0]
+            n = min(seq.pending, budget)
+            if not self.pool.grow(seq.table, seq.cached + n):
+                break  # no blocks: it waits until a sequence finishes
+            self.running.append(self.waiting.popleft())
+            plan[id(seq)] = (seq, n)
+            budget -= n
+        return list(plan.values())
+
+    def _make_room(self, seq: Sequence, n: int, plan: dict[int, tuple[Sequence, int]]) -> bool:
+        """Blocks for seq's next n tokens, preempting later-admitted sequences if needed."""
+        while not self.pool.grow(seq.table, seq.cached + n):
+            victim = self.running[-1]
+            plan.pop(id(victim), None)
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free seq's blocks and put it back at the head of the queue, to be recomputed."""
+        self.release(seq)
+        seq.cached = 0
+        self.waiting.appendleft(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Drop seq from the running set and return its blocks to the pool."""
+        if seq in self.running:
+            self.running.remove(seq)
+        self.pool.allocator.release(seq.table)
+        seq.table = []
+
+    def remove(self, request_id: str) -> bool:
+        """Forget a request wherever it is (cancellation); True if it was there."""
+        for seq in [*self.running, *self.waiting]:
+            if seq.request_id == request_id:
+                if seq in self.waiting:
+                    self.waiting.remove(seq)
+                self.release(seq)
+                return True
+        return False
