@@ -139,7 +139,7 @@ class Engine:
             token = picked.token_ids[i]
             seq.state.append(token)
             seq.output_ids.append(token)
-            reason = ("stop" if token in seq.stops else
+            reason = ("stop" if token in seq.stops or seq.state.constraint_done else
                       "length" if len(seq.output_ids) >= seq.budget else None)
             if reason:
                 self.scheduler.release(seq)

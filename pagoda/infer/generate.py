@@ -129,9 +129,8 @@ def generate_tokens(
             token = picked.token_ids[i]
             states[i].append(token)
             produced[i] += 1
-            reason = (
-                "stop" if token in stops[i] else "length" if produced[i] >= budgets[i] else None
-            )
+            done = token in stops[i] or states[i].constraint_done  # EOS, stop id, or complete
+            reason = "stop" if done else "length" if produced[i] >= budgets[i] else None
             events.append(TokenEvent(i, token, picked.logprobs[i], picked.top_logprobs[i], reason))
             if reason:
                 running.discard(i)

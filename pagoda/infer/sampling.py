@@ -6,17 +6,25 @@ Order of logit processing for one row (as in vLLM; HF has no presence/frequency 
 
 Reported logprobs follow OpenAI/vLLM: they come from the *raw* model distribution
 (log_softmax of the unprocessed logits), so they describe the model, not the sampling settings.
+
+A row with a constraint (`SamplingParams.constraint`, see `constrained.py`) is masked first: its
+grammar's forbidden tokens get -inf, so every step above (and its logprobs, as in vLLM) sees only
+the tokens that keep the output valid.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from pagoda.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from pagoda.infer.constrained import Constraint, ConstraintMatcher
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
@@ -63,6 +71,10 @@ class SamplingParams:
     logprobs: bool = False
     # Also return this many most likely alternatives per position; needs logprobs. [0, 20].
     top_logprobs: int = 0
+    # Grammar the output must follow (JSON object / JSON schema), from `ConstraintFactory`;
+    # compiled and stateless, so copies and n choices share it. The sequence ends ("stop") as
+    # soon as the output is complete. Not checked by validate(). None: unconstrained.
+    constraint: Constraint | None = None
 
     @property
     def greedy(self) -> bool:
@@ -147,28 +159,44 @@ def _check_int(name: str, value: object, low: int, high: int | None, allowed: st
 
 
 class SequenceSamplingState:
-    """What one sequence carries between steps: tokens seen (for penalties) and its own RNG.
+    """What one sequence carries between steps: tokens seen (for penalties), its own RNG and
+    where it is in its constraint's grammar.
 
     Create it once per sequence and call `append` with every token the sequence generates.
     """
 
-    def __init__(self, prompt_token_ids: list[int], seed: int | None = None) -> None:
+    def __init__(
+        self,
+        prompt_token_ids: list[int],
+        seed: int | None = None,
+        constraint: Constraint | None = None,
+    ) -> None:
         self.seed = seed
         self.seen: set[int] = set(prompt_token_ids)  # prompt + output, for repetition penalty
         self.output_counts: dict[int, int] = {}  # generated token id -> times generated
         self._generator: torch.Generator | None = None
+        self.constraint: ConstraintMatcher | None = (
+            constraint.matcher() if constraint is not None else None
+        )
 
     @classmethod
     def for_params(
         cls, params: SamplingParams, prompt_token_ids: list[int]
     ) -> SequenceSamplingState:
         """State for a new sequence with these settings and this prompt."""
-        return cls(prompt_token_ids, params.seed)
+        return cls(prompt_token_ids, params.seed, params.constraint)
 
     def append(self, token_id: int) -> None:
-        """Record a generated token so later steps can penalize it."""
+        """Record a generated token so later steps can penalize it (and its grammar advances)."""
         self.seen.add(token_id)
         self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
+        if self.constraint is not None:
+            self.constraint.accept(token_id)
+
+    @property
+    def constraint_done(self) -> bool:
+        """Whether the constrained output is complete (nothing but EOS may follow)."""
+        return self.constraint is not None and self.constraint.is_finished()
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """This sequence's generator, created and seeded on first use; None when unseeded."""
@@ -198,7 +226,12 @@ def sample(
     batch = logits.shape[0]
     if len(params) != batch or len(states) != batch:
         raise ValueError(f"got {batch} logit rows, {len(params)} params, {len(states)} states")
-    raw = logits.float()  # [B, V]; never modified, for logprobs
+    raw = logits.float()  # [B, V]; never modified after masking, for logprobs
+    constrained = [i for i, s in enumerate(states) if s.constraint is not None]
+    if constrained:  # -inf on the tokens each row's grammar forbids; the caller's rows stay
+        raw = raw.clone() if raw is logits else raw
+        for i in constrained:
+            states[i].constraint.mask_logits(raw[i])
 
     if all(p.greedy and not p.penalizes for p in params):
         tokens = raw.argmax(dim=-1)  # [B]
@@ -364,5 +397,8 @@ def _raw_logprobs(
         vals, ids = logp.topk(n, dim=-1)  # [L, n], descending
         for i, row_vals, row_ids in zip(asked, vals.tolist(), ids.tolist(), strict=True):
             k = params[i].top_logprobs
-            top[i] = list(zip(row_ids[:k], row_vals[:k], strict=True))
+            # a constrained row may allow fewer than k tokens: masked ones (-inf) are no choice
+            top[i] = [
+                (t, v) for t, v in zip(row_ids[:k], row_vals[:k], strict=True) if v > -math.inf
+            ]
     return chosen, top

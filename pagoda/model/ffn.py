@@ -27,11 +27,13 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(self.hidden(x)))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The d_ff-wide activation: act(up(x)), or act(gate(x)) * up(x) when gated."""
         if self.gate_proj is None:
-            h = self.act(self.up_proj(x))
-        else:
-            h = self.act(self.gate_proj(x)) * self.up_proj(x)
-        return self.dropout(self.down_proj(h))
+            return self.act(self.up_proj(x))
+        return self.act(self.gate_proj(x)) * self.up_proj(x)
 
 
 class MixtureOfExperts(nn.Module):

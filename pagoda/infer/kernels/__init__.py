@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda.model.attention import Attention, Rotary
+from pagoda.model.ffn import FeedForward
 from pagoda.model.norm import RMSNorm
 from pagoda.paths import pagoda_home
 
@@ -88,8 +89,53 @@ class NativeRotary(Rotary):
         return q, k
 
 
+def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of Linears reading the same input into one matrix,
+    re-pointing each Linear at its slice so no memory is duplicated."""
+    with torch.inference_mode(False), torch.no_grad():  # must stay usable for training
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = (torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None
+                else None)
+        start = 0
+        for lin in linears:
+            rows = lin.out_features
+            lin.weight.data = weight[start:start + rows]
+            if bias is not None:
+                lin.bias.data = bias[start:start + rows]
+            start += rows
+    return weight, bias
+
+
+def _fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    rows, width = x.numel() // x.shape[-1], x.shape[-1]
+    y = torch.ops.pagoda_kernels.skinny_linear(x.reshape(rows, width), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class NativeFeedForward(FeedForward):
+    """Gated FFN whose gate and up projections run as one kernel call."""
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is None or x.numel() // x.shape[-1] > MAX_ROWS or not _native(x):
+            return super().hidden(x)
+        if not hasattr(self, "_gate_up"):
+            self._gate_up = _fuse([self.gate_proj, self.up_proj])
+        gate, up = _fused_linear(x, *self._gate_up).chunk(2, dim=-1)
+        return self.act(gate) * up
+
+
 class NativeAttention(Attention):
-    """Attention whose one-token decode steps run the native kernel over the cached keys."""
+    """Attention with q/k/v from one kernel call and one-token decode over the cached keys."""
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if x.numel() // x.shape[-1] > MAX_ROWS or not _native(x):
+            return super().project(x)
+        if not hasattr(self, "_qkv"):
+            self._qkv = _fuse([self.q_proj, self.k_proj, self.v_proj])
+        B, T, _ = x.shape
+        heads = _fused_linear(x, *self._qkv).view(B, T, self.n_head + 2 * self.n_kv, self.hd)
+        q, k, v = heads.split([self.n_head, self.n_kv, self.n_kv], dim=2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
@@ -100,7 +146,7 @@ class NativeAttention(Attention):
 
 _SWAPS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: SkinnyLinear, RMSNorm: NativeRMSNorm, Rotary: NativeRotary,
-    Attention: NativeAttention}
+    Attention: NativeAttention, FeedForward: NativeFeedForward}
 
 
 def use_native_kernels(model: nn.Module) -> nn.Module:

@@ -1,0 +1,38 @@
+// UI strings in English and Chinese; every visible label of the chat page comes from here.
+
+export const STRINGS = {
+  en: {
+    newChat: "New chat", conversations: "Conversations", menu: "Menu", model: "Model",
+    settings: "Settings", emptyTitle: "How can I help?",
+    emptyHint: "Ask anything. Replies stream from the model running on this server.",
+    placeholder: "Send a message…", send: "Send", stop: "Stop",
+    composerHint: "Enter to send · Shift+Enter for a new line",
+    systemPrompt: "System prompt", systemPlaceholder: "You are a helpful assistant.",
+    temperature: "Temperature", maxTokens: "Max tokens", apiKey: "API key",
+    apiKeyPlaceholder: "Optional (sent as Bearer)",
+    storageNote: "Conversations, settings and the key stay in this browser (localStorage).",
+    untitled: "New chat", deleteChat: "Delete conversation", copy: "Copy", copied: "Copied",
+    stopped: "stopped", tokens: "tokens", tokPerSec: "tok/s", ttft: "first token",
+    lastReply: "Last reply", noModels: "no models", modelsFailed: "Could not load models",
+    needKey: "The server needs an API key: open Settings and enter it.",
+    networkError: "Network error", you: "You", assistant: "Assistant",
+    messages: (n) => `${n} message${n === 1 ? "" : "s"}`,
+  },
+  zh: {
+    newChat: "新对话", conversations: "对话列表", menu: "菜单", model: "模型",
+    settings: "设置", emptyTitle: "有什么可以帮你？",
+    emptyHint: "尽管问吧。回答由本服务器上运行的模型实时流式生成。",
+    placeholder: "输入消息…", send: "发送", stop: "停止",
+    composerHint: "Enter 发送 · Shift+Enter 换行",
+    systemPrompt: "系统提示词", systemPlaceholder: "你是一个乐于助人的助手。",
+    temperature: "温度", maxTokens: "最大生成长度", apiKey: "API 密钥",
+    apiKeyPlaceholder: "可选（以 Bearer 方式发送）",
+    storageNote: "对话、设置和密钥只保存在本浏览器中（localStorage）。",
+    untitled: "新对话", deleteChat: "删除对话", copy: "复制", copied: "已复制",
+    stopped: "已停止", tokens: "个词元", tokPerSec: "词元/秒", ttft: "首词元",
+    lastReply: "上次回复", noModels: "无可用模型", modelsFailed: "无法加载模型列表",
+    needKey: "服务器需要 API 密钥：请打开“设置”填写。",
+    networkError: "网络错误", you: "你", assistant: "助手",
+    messages: (n) => `${n} 条消息`,
+  },
+};
