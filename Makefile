@@ -28,7 +28,7 @@ $(VENV)/.dev: $(VENV)/.torch pyproject.toml
 
 serve: $(VENV)/.app
 	$(BIN)/pagoda pull $(MODEL)
-	$(BIN)/pagoda chat $(MODEL)
+	$(BIN)/pagoda serve --model $(MODEL)
 
 test: $(VENV)/.dev browser
 	$(BIN)/python -m pytest

@@ -162,7 +162,7 @@ class ConstraintFactory:
             raise InvalidRequestError(
                 f"a JSON schema must be a JSON object, got {type(schema).__name__}")
         try:
-            text = json.dumps(schema, ensure_ascii=False, sort_keys=True)
+            text = json.dumps(schema, ensure_ascii=False)
         except (TypeError, ValueError) as e:
             raise InvalidRequestError(f"the JSON schema is not JSON: {e}") from None
         try:

@@ -14,7 +14,6 @@ import torch
 
 from pagoda.model.config import ModelConfig
 
-
 # attend_fn(q, k, v, mask) -> (B, H, n_new, hd): the attention layer's own SDPA computation.
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 

@@ -118,8 +118,6 @@ class NativeFeedForward(FeedForward):
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is None or x.numel() // x.shape[-1] > MAX_ROWS or not _native(x):
             return super().hidden(x)
-        if not hasattr(self, "_gate_up"):
-            self._gate_up = _fuse([self.gate_proj, self.up_proj])
         gate, up = _fused_linear(x, *self._gate_up).chunk(2, dim=-1)
         return self.act(gate) * up
 
@@ -130,8 +128,6 @@ class NativeAttention(Attention):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if x.numel() // x.shape[-1] > MAX_ROWS or not _native(x):
             return super().project(x)
-        if not hasattr(self, "_qkv"):
-            self._qkv = _fuse([self.q_proj, self.k_proj, self.v_proj])
         B, T, _ = x.shape
         heads = _fused_linear(x, *self._qkv).view(B, T, self.n_head + 2 * self.n_kv, self.hd)
         q, k, v = heads.split([self.n_head, self.n_kv, self.n_kv], dim=2)
@@ -156,4 +152,9 @@ def use_native_kernels(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) in _SWAPS:
             module.__class__ = _SWAPS[type(module)]
+        if type(module) is NativeAttention and not hasattr(module, "_qkv"):
+            module._qkv = _fuse([module.q_proj, module.k_proj, module.v_proj])
+        elif (type(module) is NativeFeedForward and module.gate_proj is not None
+              and not hasattr(module, "_gate_up")):
+            module._gate_up = _fuse([module.gate_proj, module.up_proj])
     return model
