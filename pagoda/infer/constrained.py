@@ -31,7 +31,7 @@ import torch
 import xgrammar as xgr
 from torch import Tensor
 
-from pagoda.errors import InvalidRequestError
+from pagoda.errors import ConfigError, InvalidRequestError
 from pagoda.tokenizer import Tokenizer
 
 # Compiled grammars kept per tokenizer (xgrammar's cache, keyed by schema text), in bytes.
@@ -82,8 +82,6 @@ class ConstraintMatcher:
 
     def accept(self, token_id: int) -> None:
         """Advance past a sampled token; a token the grammar forbids is a bug (RuntimeError)."""
-        if self._matcher.is_terminated():
-            return  # a row that rides along after its end (generate_tokens' padding rows)
         if not self._matcher.accept_token(token_id):
             raise RuntimeError(f"token {token_id} breaks the constraint "
                                f"{self.constraint.description}; was the row masked?")
@@ -99,7 +97,7 @@ class ConstraintMatcher:
 
     def _next_bitmask(self) -> Tensor:
         """The allowed-token bitmask [1, ceil(V/32)] of the current state (computed once)."""
-        if self._matcher.is_terminated():
+        if self._matcher.is_terminated():  # EOS accepted; rows that ride along may repeat it
             return self._stop_bits
         if not self._fresh:
             self._matcher.fill_next_token_bitmask(self._bitmask)
@@ -123,8 +121,8 @@ class ConstraintFactory:
         self.vocab_size = vocab_size or tokenizer.vocab_size
         self.stop_ids = sorted(i for i in tokenizer.eos_ids if i < self.vocab_size)
         if not self.stop_ids:
-            raise InvalidRequestError("constrained decoding needs an EOS token; the tokenizer "
-                                      "has none inside the model's vocabulary")
+            raise ConfigError("constrained decoding needs an EOS token; the tokenizer "
+                              "has none inside the model's vocabulary")
         vocab_type, add_prefix_space = _vocab_type(tokenizer)
         encoded = [""] * self.vocab_size  # "" marks an id that is never text (padding, special)
         for token, i in tokenizer.backend.get_vocab(with_added_tokens=True).items():

@@ -21,6 +21,7 @@ from starlette.routing import Match, Mount
 from pagoda import __version__
 from pagoda.errors import ModelNotFoundError
 from pagoda.hub.loader import LoadedModel
+from pagoda.infer.constrained import ConstraintFactory
 from pagoda.infer.scoring import PromptScorer
 from pagoda.serve.auth import Guard
 from pagoda.serve.errors import install_error_handlers, with_param
@@ -55,6 +56,8 @@ class ServeState:
         self.guard = Guard(settings)
         self.token_strings = TokenStrings(loaded.tokenizer)
         self.scorer = PromptScorer(loaded.model)
+        self.constraints = ConstraintFactory.for_tokenizer(loaded.tokenizer,
+                                                           loaded.model.cfg.vocab_size)
         self.context = loaded.model.cfg.max_seq_len
         self.vocab_size = min(loaded.model.cfg.vocab_size, loaded.tokenizer.vocab_size)
         self.model_id = settings.served_model_name or display_name(loaded.name)

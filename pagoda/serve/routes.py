@@ -194,11 +194,14 @@ async def _chat(state: Any, body: ChatCompletionRequest, request: Request) -> Re
     started = time.perf_counter()
     model = state.resolve_model(body.model)
     _reject_unsupported(body)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise with_param(NotSupportedError(
-            f"response_format type '{body.response_format.type}' is not supported yet "
-            "(constrained decoding is not implemented); use type 'text' or leave it out."),
-            "response_format")
+    constraint = None
+    if body.response_format is not None:
+        try:  # compiling a large schema takes a moment: keep it off the event loop
+            constraint = await asyncio.to_thread(
+                state.constraints.for_response_format,
+                body.response_format.model_dump(exclude_none=True))
+        except PagodaError as exc:
+            raise with_param(exc, "response_format") from None
     tok = state.tokenizer
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     try:
@@ -210,8 +213,9 @@ async def _chat(state: Any, body: ChatCompletionRequest, request: Request) -> Re
                                    state.settings.default_max_tokens) if m is not None), None)
     if max_tokens is not None and body.max_completion_tokens is None and body.max_tokens is None:
         max_tokens = min(max_tokens, max(1, state.context - len(ids)))  # a default must fit
-    params = _params(body, max_tokens, logprobs=bool(body.logprobs),
-                     top_logprobs=body.top_logprobs or 0)
+    params = replace(
+        _params(body, max_tokens, logprobs=bool(body.logprobs),
+                top_logprobs=body.top_logprobs or 0), constraint=constraint)
     _check_context(state, len(ids), max_tokens, "messages")
     _note(request, model=model, **({"prompt": prompt_text} if state.settings.log_prompts else {}))
     state.metrics.prompt_tokens.inc(len(ids))

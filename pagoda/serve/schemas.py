@@ -47,7 +47,7 @@ class StreamOptions(_Request):
 
 
 class ResponseFormat(_Request):
-    """`response_format`: only `text` is served for now (JSON modes need constrained decoding)."""
+    """`response_format`: text, or JSON (any object / a JSON schema) by constrained decoding."""
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None

@@ -1,5 +1,6 @@
-"""Constrained decoding on the real SmolLM2-135M-Instruct: JSON that parses and validates, through
-both generation paths, greedy and sampled, without disturbing unconstrained neighbours."""
+"""Constrained decoding: tiny vocabularies for the mechanics; the real SmolLM2-135M-Instruct for
+JSON that parses and validates through both generation paths, greedy and sampled, without
+disturbing unconstrained neighbours."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ import json
 import jsonschema
 import pytest
 import torch
+import xgrammar as xgr
+from tokenizers import pre_tokenizers
 
 from pagoda.errors import InvalidRequestError
 from pagoda.infer.completion import complete
-from pagoda.infer.constrained import ConstraintFactory
+from pagoda.infer.constrained import ConstraintFactory, _vocab_type
 from pagoda.infer.engine import Engine
 from pagoda.infer.sampling import SamplingParams
-from pagoda.tokenizer import render_chat
-
-pytestmark = pytest.mark.real_model
+from pagoda.tokenizer import Tokenizer, render_chat
 
 PERSON = {
     "type": "object",
@@ -26,6 +27,33 @@ PERSON = {
 }
 CAT = "Describe a cat as a short JSON object with its name, color and age."
 PERSON_PROMPT = "Give me a JSON object describing a person with a name and an age."
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    """GPT-2 style: every byte a printable character ('Ġ' a space); EOS id 0."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = ["<|endoftext|>", *alphabet, "Ġ{", '{"']
+    return Tokenizer.from_gguf_metadata({
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": [], "tokenizer.ggml.token_type": [3] + [1] * (len(tokens) - 1),
+        "tokenizer.ggml.eos_token_id": 0})
+
+
+def sentencepiece_tokenizer() -> Tokenizer:
+    """Llama-2 style: '▁' for spaces, <0xNN> byte fallback; EOS id 2."""
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)),
+              "▁", "{", "}", '"', "a", ":", "▁{"]
+    return Tokenizer.from_gguf_metadata({
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": [0.0] * len(tokens),
+        "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259),
+        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0})
+
+
+@pytest.fixture(scope="module")
+def tiny_factory() -> ConstraintFactory:
+    return ConstraintFactory(byte_level_tokenizer())
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +66,75 @@ def chat(smol, text: str) -> list[int]:
     return tok.encode(render_chat(tok, [{"role": "user", "content": text}]))
 
 
+# ------------------------------------------------------------- tiny vocabularies
+@pytest.mark.parametrize("make", [byte_level_tokenizer, sentencepiece_tokenizer])
+def test_vocab_type_matches_xgrammars_own_detection(make):
+    tok = make()
+    detected = xgr.TokenizerInfo._detect_metadata_from_hf(tok.backend.to_str())
+    assert _vocab_type(tok) == (detected["vocab_type"], detected["add_prefix_space"])
+    matcher = ConstraintFactory(tok).json_object().matcher()
+    row = torch.zeros(tok.vocab_size)
+    matcher.mask_logits(row)
+    allowed = (row == 0).nonzero().flatten().tolist()
+    assert allowed and all(tok.decode([i]).lstrip().startswith("{") for i in allowed)
+
+
+def test_byte_level_constraint_finishes_on_a_complete_object():
+    tok = byte_level_tokenizer()
+    matcher = ConstraintFactory(tok).json_object().matcher()
+    for token in tok.encode('{"a": 1}'):
+        assert not matcher.is_finished()
+        matcher.accept(token)
+    assert matcher.is_finished()
+    with pytest.raises(RuntimeError, match="breaks the constraint"):
+        ConstraintFactory(tok).json_object().matcher().accept(tok.encode("x")[0])
+
+
+def test_finished_means_only_eos_may_follow(tiny_factory):
+    matcher = tiny_factory.json_schema({"type": "integer"}).matcher()
+    for token in byte_level_tokenizer().encode("12"):
+        matcher.accept(token)
+    assert not matcher.is_finished()  # "12" is complete, but "123" could still follow
+    matcher.accept(0)  # EOS
+    assert matcher.is_finished()
+
+
+@pytest.mark.parametrize("schema, fragment", [
+    ({"type": "nonsense"}, "Unsupported type"),
+    ({"type": "object", "properties": 5}, "properties must be an object"),
+    ({"$ref": "#/definitions/missing"}, "missing"),
+    ({"type": "string", "pattern": "("}, "parenthesis"),
+    ("not a schema", "must be a JSON object"),
+])
+def test_invalid_schema_is_one_readable_line(tiny_factory, schema, fragment):
+    with pytest.raises(InvalidRequestError) as caught:
+        tiny_factory.json_schema(schema)
+    message = str(caught.value)
+    assert fragment in message and "\n" not in message and ".cc:" not in message
+
+
+def test_response_format_mapping(tiny_factory):
+    factory = tiny_factory
+    assert factory.for_response_format(None) is None
+    assert factory.for_response_format({"type": "text"}) is None
+    assert "json_object" in repr(factory.for_response_format({"type": "json_object"}))
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    assert factory.for_response_format(fmt) is not None
+    for bad in ({"type": "json_schema"}, {"type": "json_schema", "json_schema": {"name": "x"}},
+                {"type": "yaml"}):
+        with pytest.raises(InvalidRequestError):
+            factory.for_response_format(bad)
+
+
+# -------------------------------------------------------------------- real model
+@pytest.mark.real_model
 def test_factory_is_shared_per_tokenizer_and_caches_compiled_grammars(smol, factory):
     assert ConstraintFactory.for_tokenizer(smol.tokenizer, smol.model.cfg.vocab_size) is factory
     assert factory.json_schema(PERSON).compiled is not None
     assert "json_object" in repr(factory.json_object())
 
 
+@pytest.mark.real_model
 def test_mask_allows_grammar_tokens_only_and_never_padding_or_special_ids(smol):
     tok = smol.tokenizer
     vocab = tok.vocab_size + 40  # a model vocabulary padded past the tokenizer's
@@ -51,7 +142,7 @@ def test_mask_allows_grammar_tokens_only_and_never_padding_or_special_ids(smol):
     logits = torch.zeros(3, vocab)
     matcher.mask_logits(logits[1])
     allowed = set((logits[1] == 0).nonzero().flatten().tolist())
-    assert allowed and all(tok.decode([i]).startswith(("{",)) for i in allowed)
+    assert allowed and all(tok.decode([i]).startswith("{") for i in allowed)
     assert (logits[0] == 0).all() and (logits[2] == 0).all()  # other rows untouched
     for token in tok.encode('{"a": "'):
         matcher.accept(token)
@@ -68,39 +159,7 @@ def test_mask_allows_grammar_tokens_only_and_never_padding_or_special_ids(smol):
     assert set((row == 0).nonzero().flatten().tolist()) == set(tok.eos_ids)  # only EOS is left
 
 
-def test_finished_means_only_eos_may_follow(factory, smol):
-    matcher = factory.json_schema({"type": "integer"}).matcher()
-    for token in smol.tokenizer.encode("12"):
-        matcher.accept(token)
-    assert not matcher.is_finished()  # "12" is complete, but "123" could still follow
-
-
-@pytest.mark.parametrize("schema, fragment", [
-    ({"type": "nonsense"}, "Unsupported type"),
-    ({"type": "object", "properties": 5}, "properties must be an object"),
-    ({"$ref": "#/definitions/missing"}, "missing"),
-    ({"type": "string", "pattern": "("}, "parenthesis"),
-    ("not a schema", "must be a JSON object"),
-])
-def test_invalid_schema_is_one_readable_line(factory, schema, fragment):
-    with pytest.raises(InvalidRequestError) as caught:
-        factory.json_schema(schema)
-    message = str(caught.value)
-    assert fragment in message and "\n" not in message and ".cc:" not in message
-
-
-def test_response_format_mapping(factory):
-    assert factory.for_response_format(None) is None
-    assert factory.for_response_format({"type": "text"}) is None
-    assert "json_object" in repr(factory.for_response_format({"type": "json_object"}))
-    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
-    assert factory.for_response_format(fmt) is not None
-    for bad in ({"type": "json_schema"}, {"type": "json_schema", "json_schema": {"name": "x"}},
-                {"type": "yaml"}):
-        with pytest.raises(InvalidRequestError):
-            factory.for_response_format(bad)
-
-
+@pytest.mark.real_model
 def test_json_object_greedy_and_sampled_always_parse(smol, factory):
     constraint = factory.json_object()  # one compiled constraint shared by every sequence
     params = [SamplingParams(temperature=0, max_tokens=64, constraint=constraint)] + [
@@ -128,6 +187,7 @@ def person_runs(smol, factory) -> list:
     return complete(smol.model, smol.tokenizer, [prompt] * len(params), params)[0]
 
 
+@pytest.mark.real_model
 def test_json_schema_validates_for_seeds_and_temperatures(smol, person_runs):
     for c in person_runs:
         assert c.finish_reason == "stop", c.text
@@ -135,6 +195,7 @@ def test_json_schema_validates_for_seeds_and_temperatures(smol, person_runs):
         assert not set(c.token_ids) & smol.tokenizer.eos_ids  # ends on "}", EOS not spent
 
 
+@pytest.mark.real_model
 def test_greedy_under_a_constraint_is_the_argmax_of_the_masked_logits(smol, factory):
     model, tok = smol.model, smol.tokenizer
     constraint = factory.json_schema(PERSON)
@@ -156,6 +217,7 @@ def test_greedy_under_a_constraint_is_the_argmax_of_the_masked_logits(smol, fact
     assert all(lp > float("-inf") for top in done[0].top_logprobs for _, lp in top)
 
 
+@pytest.mark.real_model
 def test_a_complete_value_ends_the_sequence_even_with_ignore_eos(smol, factory):
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True,
                             constraint=factory.json_schema(PERSON))
@@ -177,6 +239,7 @@ def run_engine(engine: Engine, requests: dict[str, tuple[list[int], SamplingPara
     return {rid: (tokens[rid], reasons[rid]) for rid in requests}
 
 
+@pytest.mark.real_model
 def test_engine_mixes_constrained_and_unconstrained_requests(smol, factory, person_runs):
     model, tok = smol.model, smol.tokenizer
     plain = {
