@@ -276,8 +276,8 @@ async def _chat_stream(state: Any, streams: ChoiceStreams, request: Request, rid
                   "finish_reason": finish}
         return _sse({**head, "choices": [choice]})
 
-    pending: list[list[dict[str, Any]]] = [[] for _ in range(n)]  # logprobs not yet sent
-    try:
+    async def chunks() -> AsyncIterator[str]:
+        pending: list[list[dict[str, Any]]] = [[] for _ in range(n)]  # logprobs not yet sent
         for i in range(n):
             yield chunk(i, {"role": "assistant", "content": ""})
         async for ev in streams.events():
@@ -289,20 +289,31 @@ async def _chat_stream(state: Any, streams: ChoiceStreams, request: Request, rid
                 pending[ev.index] = []
             if ev.finish_reason is not None:
                 yield chunk(ev.index, {}, pending[ev.index] or None, ev.finish_reason)
+
+    async for line in _sse_body(chunks(), head, streams, request, prompt_tokens, include_usage):
+        yield line
+
+
+async def _sse_body(chunks: AsyncIterator[str], head: dict[str, Any], streams: ChoiceStreams,
+                    request: Request, prompt_tokens: int,
+                    include_usage: bool) -> AsyncIterator[str]:
+    """An SSE response: the chunks, a usage chunk if asked, `[DONE]`; a failure after the
+    response started becomes an error event; the engine requests are always closed."""
+    try:
+        async for line in chunks:
+            yield line
         if include_usage:
             yield _sse({**head, "choices": [],
                         "usage": _usage(prompt_tokens, streams.completion_tokens)})
-        yield "data: [DONE]\n\n"
     except PagodaError as exc:
         yield _sse(pagoda_error_body(exc))
-        yield "data: [DONE]\n\n"
     except Exception as exc:  # engine failure after the response started: tell the client
         yield _sse(error_body(f"generation failed: {type(exc).__name__}: {exc}",
                               "server_error", None, "internal_error"))
-        yield "data: [DONE]\n\n"
     finally:
         await streams.close()
         _finish_note(request, streams, prompt_tokens)
+    yield "data: [DONE]\n\n"
 
 
 # --------------------------------------------------------------- completions
@@ -459,8 +470,8 @@ async def _complete_stream(state: Any, streams: ChoiceStreams, request: Request,
         return _sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                           "finish_reason": finish}]})
 
-    pending: dict[int, list[ChoiceEvent]] = {}
-    try:
+    async def chunks() -> AsyncIterator[str]:
+        pending: dict[int, list[ChoiceEvent]] = {}
         for c in range(len(prompts) * n):
             if echo_texts[c // n]:
                 yield chunk(c, echo_texts[c // n], [], None)
@@ -469,17 +480,6 @@ async def _complete_stream(state: Any, streams: ChoiceStreams, request: Request,
                 pending.setdefault(ev.index, []).append(ev)
             if ev.text or ev.finish_reason is not None:
                 yield chunk(ev.index, ev.text, pending.pop(ev.index, []), ev.finish_reason)
-        if include_usage:
-            yield _sse({**head, "choices": [],
-                        "usage": _usage(prompt_tokens, streams.completion_tokens)})
-        yield "data: [DONE]\n\n"
-    except PagodaError as exc:
-        yield _sse(pagoda_error_body(exc))
-        yield "data: [DONE]\n\n"
-    except Exception as exc:
-        yield _sse(error_body(f"generation failed: {type(exc).__name__}: {exc}",
-                              "server_error", None, "internal_error"))
-        yield "data: [DONE]\n\n"
-    finally:
-        await streams.close()
-        _finish_note(request, streams, prompt_tokens)
+
+    async for line in _sse_body(chunks(), head, streams, request, prompt_tokens, include_usage):
+        yield line
