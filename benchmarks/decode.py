@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------ peers
 class PagodaPeer:
-    """Pagoda's token-level generator on the loaded model."""
+    """Pagoda's engine (`pagoda.infer.engine.generate`, what the CLI runs) on the loaded model."""
 
     name = "pagoda"
 
@@ -92,14 +92,15 @@ class PagodaPeer:
 
     def generate(self, prompt: list[int], n: int) -> list[int]:
         """Greedy, EOS ignored; returns the n new token ids."""
-        from pagoda.infer.generate import Timings, generate_tokens
+        from pagoda.infer.engine import generate
+        from pagoda.infer.generate import Timings
         from pagoda.infer.sampling import SamplingParams
 
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         timings = Timings()
         out: list[int] = []
-        for events in generate_tokens(self.model, [prompt], [params],
-                                      eos_ids=self.tokenizer.eos_ids, timings=timings):
+        for events in generate(self.model, [prompt], [params],
+                               eos_ids=self.tokenizer.eos_ids, timings=timings):
             out.extend(e.token_id for e in events)
         self.last_timings = timings
         return out

@@ -1,11 +1,12 @@
-"""Text on top of the token loop: streamed detokenization, stop strings, finished completions."""
+"""Text on top of the engine: streamed detokenization, stop strings, finished completions."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from pagoda.infer.generate import Timings, TokenEvent, generate_tokens
+from pagoda.infer.engine import generate
+from pagoda.infer.generate import Timings, TokenEvent
 from pagoda.infer.sampling import SamplingParams
 from pagoda.infer.stop import StopChecker
 from pagoda.model.transformer import Transformer
@@ -61,7 +62,7 @@ def stream_text(
     """Generate for every prompt at once, yielding text deltas as tokens arrive."""
     texts = [SequenceText(tokenizer, sp.stop) for sp in params]
     cancelled: set[int] = set()
-    for events in generate_tokens(model, prompts, params, tokenizer.eos_ids, timings, cancelled):
+    for events in generate(model, prompts, params, tokenizer.eos_ids, timings, cancelled):
         for event in events:
             text, hit = texts[event.index].push(
                 event.token_id, last=event.finish_reason is not None

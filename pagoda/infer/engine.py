@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from pagoda.errors import InvalidRequestError, QueueFullError
-from pagoda.infer.generate import check_request
+from pagoda.infer.generate import Timings, TokenEvent, check_request
 from pagoda.infer.kernels import use_native_kernels
 from pagoda.infer.paged_cache import PagedBatch, PagedKVPool
 from pagoda.infer.sampling import SamplingParams, SequenceSamplingState, sample
@@ -146,6 +147,45 @@ class Engine:
             outputs.append(TokenOutput(seq.request_id, token, picked.logprobs[i],
                                        picked.top_logprobs[i], reason, len(seq.prompt_ids)))
         return outputs
+
+
+def generate(model: Transformer, prompts: list[list[int]], params: list[SamplingParams],
+             eos_ids: frozenset[int] = frozenset(), timings: Timings | None = None,
+             cancelled: set[int] | None = None) -> Iterator[list[TokenEvent]]:
+    """Run a fixed set of prompts through an engine sized for them; yield each step's tokens.
+
+    The synchronous way to use the engine (CLI, scripts): same interface as
+    `generate_tokens`. Prefill time is the time to the first token; decode time the rest.
+    """
+    if not prompts:
+        raise InvalidRequestError("no prompts given")
+    context = model.cfg.max_seq_len
+    tokens = sum(len(p) + check_request(len(p), sp, context)
+                 for p, sp in zip(prompts, params, strict=True))
+    engine = Engine(model, eos_ids, EngineConfig(max_running=len(prompts),
+                                                 max_waiting=len(prompts),
+                                                 kv_cache_tokens=tokens))
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        engine.add_request(str(i), p, sp)
+    timings = timings if timings is not None else Timings()
+    cancelled = cancelled if cancelled is not None else set()
+    start, first = time.perf_counter(), True
+    while engine.has_unfinished():
+        outputs = engine.step()
+        now = time.perf_counter()
+        if outputs and first:
+            timings.prefill_tokens += sum(len(p) for p in prompts)
+            timings.prefill_s += now - start
+            first = False
+        elif outputs:
+            timings.decode_tokens += len(outputs)
+            timings.decode_s += now - start
+        start = now
+        if outputs:
+            yield [TokenEvent(int(o.request_id), o.token_id, o.logprob, o.top_logprobs,
+                              o.finish_reason) for o in outputs]
+        for index in cancelled:
+            engine.abort(str(index))
 
 
 class AsyncEngine:
