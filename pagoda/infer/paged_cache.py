@@ -83,9 +83,11 @@ class PagedBatch:
         self.new_slots = torch.tensor(
             [s for t, n in zip(tables, lengths, strict=True) for s in pool.slots(t, n, n + n_new)],
             device=device)  # (B * n_new,)
-        self.all_slots = torch.tensor(
-            [pool.slots(t, 0, n + n_new) + [0] * (width - n - n_new)
-             for t, n in zip(tables, lengths, strict=True)], device=device)  # (B, width)
+        self.all_slots = torch.zeros(len(tables), width, dtype=torch.long, device=device)
+        offsets = torch.arange(pool.block_size, device=device)
+        for row, (t, n) in enumerate(zip(tables, lengths, strict=True)):  # (B, width), 0-padded
+            slots = (torch.tensor(t, device=device)[:, None] * pool.block_size + offsets).flatten()
+            self.all_slots[row, :n + n_new] = slots[:n + n_new]
         self.use_kernel = (n_new == 1 and pool.sliding_window is None and device.type == "cpu"
                            and pool.k.dtype == torch.float32 and native_available())
 
