@@ -24,6 +24,25 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// a . b over n floats (AVX2; n need not be a multiple of 8).
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y += p * x over n floats.
+inline void axpy(float* y, float p, const float* x, int64_t n) {
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += p * x[i];
+}
+
 // One weight row against M input rows: M dot products sharing every load of the weight row.
 template <int M>
 inline void dot_rows(const float* x, int64_t ldx, const float* w, int64_t K, float* out) {
@@ -175,10 +194,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       float best = -INFINITY;
       for (int64_t s = 0; s < S; ++s) {
         if (mp && !mp[b * S + s]) { scores[s] = -INFINITY; continue; }
-        const float* kr = kb + s * k.stride(2);
-        float dot = 0.f;
-        for (int64_t d = 0; d < hd; ++d) dot += qv[d] * kr[d];
-        scores[s] = dot * scale;
+        scores[s] = dot(qv, kb + s * k.stride(2), hd) * scale;
         best = std::max(best, scores[s]);
       }
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -187,8 +203,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         if (scores[s] == -INFINITY) continue;
         const float p = std::exp(scores[s] - best);
         total += p;
-        const float* vr = vb + s * v.stride(2);
-        for (int64_t d = 0; d < hd; ++d) acc[d] += p * vr[d];
+        axpy(acc.data(), p, vb + s * v.stride(2), hd);
       }
       float* o = op + (b * H + h) * hd;
       for (int64_t d = 0; d < hd; ++d) o[d] = total > 0.f ? acc[d] / total : 0.f;
@@ -226,10 +241,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
       const float* qv = qp + b * q.stride(0) + h * q.stride(1);
       float best = -INFINITY;
       for (int64_t s = 0; s < S; ++s) {
-        const float* kr = kp + sp[b * Smax + s] * row + g * hd;
-        float dot = 0.f;
-        for (int64_t d = 0; d < hd; ++d) dot += qv[d] * kr[d];
-        scores[s] = dot * scale;
+        scores[s] = dot(qv, kp + sp[b * Smax + s] * row + g * hd, hd) * scale;
         best = std::max(best, scores[s]);
       }
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -237,8 +249,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
       for (int64_t s = 0; s < S; ++s) {
         const float p = std::exp(scores[s] - best);
         total += p;
-        const float* vr = vp + sp[b * Smax + s] * row + g * hd;
-        for (int64_t d = 0; d < hd; ++d) acc[d] += p * vr[d];
+        axpy(acc.data(), p, vp + sp[b * Smax + s] * row + g * hd, hd);
       }
       float* o = op + (b * H + h) * hd;
       for (int64_t d = 0; d < hd; ++d) o[d] = total > 0.f ? acc[d] / total : 0.f;
