@@ -1,8 +1,8 @@
 """Serving under load: N concurrent streaming chat clients against Pagoda's server, a
 static-batching baseline and llama.cpp's server, in the same run, on loopback.
 
-Peers (each a separate server process on 127.0.0.1, started and stopped by this script, one at
-a time so they never share the CPU):
+Peers (each a separate server process on 127.0.0.1, all started by this script, measured one
+at a time, interleaved level by level in a rotating order, and always stopped at the end):
 
     pagoda     `pagoda serve --model smollm2-135m-instruct` — the engine's continuous batching
                (new requests join the running batch between decode steps).
@@ -838,6 +838,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_static is not None:
         return serve_static(args)
+    # SIGTERM unwinds like Ctrl-C, so the `finally` that stops the servers runs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not DATA.is_file():
         raise SystemExit(f"error: prompt text not found at {DATA} (expected tinyshakespeare "
                          "input.txt in the shared data folder next to the repository)")
