@@ -26,12 +26,12 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
+
+from common import machine_info, pyplot, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared/data/tinyshakespeare/input.txt"
@@ -161,38 +161,6 @@ def load_prompt_tokens(tokenizer, longest: int) -> list[int]:
     return ids[:longest]
 
 
-def machine_info(threads: int) -> dict:
-    """CPU, cores, library versions, threads and date of this run."""
-    import torch
-    import transformers
-
-    import pagoda
-    from pagoda.infer.kernels import native_available
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "threads": threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "pagoda": pagoda.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "pagoda_native_kernels": native_available(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-
-
-# ------------------------------------------------------------------------------ running
 def run(args: argparse.Namespace) -> dict:
     """Load both peers, time them interleaved, return the results object."""
     import torch
@@ -242,7 +210,10 @@ def run(args: argparse.Namespace) -> dict:
                     outputs[name][L] = tokens
                     progress.advance(task)
 
+    import transformers
+
     machine = machine_info(args.threads)
+    machine["transformers"] = transformers.__version__
     # 1-minute load average before and after: other work on the machine makes numbers noisy
     machine["load_avg_1m"] = {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)}
     return summarize(args, times, outputs, internal, machine,
@@ -351,30 +322,10 @@ def print_tables(result: dict) -> None:
                   f"transformers {m['transformers']} · {m['date']}[/dim]")
 
 
-def write_json(result: dict, folder: Path) -> Path:
-    """Atomically write decode.json."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "decode.json"
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
 def plot(result: dict, folder: Path) -> Path | None:
     """Grouped bar chart decode.png (prefill and decode tok/s per prompt length)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed, skipping decode.png "
-              "(pip install matplotlib, or the dev extras)", file=sys.stderr)
+    plt = pyplot("decode.png")
+    if plt is None:
         return None
     lens = list(result["by_prompt_len"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
@@ -419,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                          "input.txt in the shared data folder next to the repository)")
     result = run(args)
     print_tables(result)
-    json_path = write_json(result, args.out)
+    json_path = write_json(result, args.out / "decode.json")
     png_path = None if args.no_plot else plot(result, args.out)
     print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""), file=sys.stderr)
     headline = copy.deepcopy({k: v for k, v in result.items() if k not in ("machine", "method")})

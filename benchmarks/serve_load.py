@@ -41,7 +41,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import queue
 import random
 import signal
@@ -54,9 +53,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from common import machine_info, pyplot, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared/data/tinyshakespeare/input.txt"
@@ -567,24 +567,6 @@ def measure_prefill(workload: list[Request], n: int, threads: int, repeats: int 
 
 
 # ------------------------------------------------------------------------------ running
-def machine_info(threads: int) -> dict:
-    """CPU, cores, versions and date of this run."""
-    import torch
-
-    import pagoda
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-            "pagoda": pagoda.__version__, "python": platform.python_version(),
-            "platform": platform.platform(),
-            "date": datetime.now(UTC).isoformat(timespec="seconds")}
-
-
 def run(args: argparse.Namespace) -> dict:
     """Measure prefill, then every peer at every level; return the results object."""
     from rich.console import Console
@@ -772,29 +754,10 @@ def print_tables(result: dict) -> None:
                   f"{m['date']}[/dim]")
 
 
-def write_json(result: dict, folder: Path) -> Path:
-    """Atomically write serve_load.json."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "serve_load.json"
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
 def plot(result: dict, folder: Path) -> Path | None:
     """serve_load.png: aggregate tokens/s and TTFT (p50 solid, p99 dashed) vs concurrency."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed, skipping serve_load.png", file=sys.stderr)
+    plt = pyplot("serve_load.png")
+    if plt is None:
         return None
     colours = {"pagoda": "#c0392b", "static": "#2980b9", "llamacpp": "#7f8c8d"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.3))
@@ -845,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
                          "input.txt in the shared data folder next to the repository)")
     result = run(args)
     print_tables(result)
-    json_path = write_json(result, args.out)
+    json_path = write_json(result, args.out / "serve_load.json")
     png_path = None if args.no_plot else plot(result, args.out)
     print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""), file=sys.stderr)
     headline = {k: result[k] for k in ("benchmark", "model", "target_level", "tok_s",
