@@ -63,3 +63,13 @@ def pyplot(png_name: str):
         print(f"note: matplotlib is not installed, skipping {png_name}", file=sys.stderr)
         return None
     return plt
+
+
+def save_png(fig, path: Path) -> Path:
+    """Save a matplotlib figure atomically and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    fig.clf()
+    os.replace(tmp, path)
+    return path

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine_info, pyplot, write_json
+from common import machine_info, pyplot, save_png, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared/data/tinyshakespeare/input.txt"
@@ -353,12 +353,8 @@ def plot(result: dict, folder: Path) -> Path | None:
                  f"{result['new_tokens']} new tokens, {result['stat']} of {result['repeats']} — "
                  f"{m['cpu']}, {m['date'][:10]}", fontsize=10)
     fig.tight_layout()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "decode.png"
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
+    path = save_png(fig, folder / "decode.png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

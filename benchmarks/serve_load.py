@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import machine_info, pyplot, write_json
+from common import machine_info, pyplot, save_png, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared/data/tinyshakespeare/input.txt"
@@ -787,12 +787,8 @@ def plot(result: dict, folder: Path) -> Path | None:
                  f"{result['workload']['max_tokens']} — {m['cpu']}, {m['threads']} threads, "
                  f"{m['date'][:10]}", fontsize=10)
     fig.tight_layout()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "serve_load.png"
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
+    path = save_png(fig, folder / "serve_load.png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
