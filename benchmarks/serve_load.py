@@ -73,6 +73,7 @@ TARGETS = {  # all evaluated at TARGET_LEVEL concurrent streams
 SYSTEM = "You are a helpful assistant."
 ASK = "Continue this scene from a play in the same style, with several more speeches:\n\n"
 HOST = "127.0.0.1"  # loopback only, for every peer
+LENGTH_CYCLE = 16  # distinct max_tokens values, repeating (every 16 requests cover the spread)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,13 +155,14 @@ class Request:
 
 def build_workload(count: int, tokens: tuple[int, int], seed: int = 0) -> list[Request]:
     """`count` requests: passages of 200-900 characters of tinyshakespeare starting at a speech
-    (prompts of about 110-300 tokens with the chat template, mean about 200), and max_tokens
-    spread evenly over `tokens` in a shuffled order."""
+    (prompts of about 100-380 tokens with the chat template, mean about 250), and max_tokens
+    cycling through 16 values spread evenly over `tokens` in a fixed shuffled order. Request i
+    is the same whatever `count` is."""
     rng = random.Random(seed)
     speeches = [s.strip() for s in DATA.read_text(encoding="utf-8").split("\n\n") if s.strip()]
     lo, hi = tokens
-    lengths = [lo + round((hi - lo) * i / max(1, count - 1)) for i in range(count)]
-    rng.shuffle(lengths)
+    cycle = [lo + round((hi - lo) * j / (LENGTH_CYCLE - 1)) for j in range(LENGTH_CYCLE)]
+    random.Random(seed + 1).shuffle(cycle)
     out = []
     for i in range(count):
         want = rng.randint(200, 900)
@@ -170,7 +172,8 @@ def build_workload(count: int, tokens: tuple[int, int], seed: int = 0) -> list[R
             passage.append(speeches[start + len(passage)])
         text = "\n\n".join(passage)[:1000]
         out.append(Request([{"role": "system", "content": SYSTEM},
-                            {"role": "user", "content": ASK + text}], lengths[i]))
+                            {"role": "user", "content": ASK + text}],
+                           cycle[i % LENGTH_CYCLE]))
     return out
 
 
