@@ -79,15 +79,14 @@ class PagedBatch:
         device = pool.k.device
         self.lengths = torch.tensor(lengths, device=device)  # (B,) cached before this pass
         self.total = self.lengths + n_new  # (B,) keys each row attends to
-        width = max(lengths) + n_new
+        self.width = max(lengths) + n_new  # longest row after this pass
         self.new_slots = torch.tensor(
             [s for t, n in zip(tables, lengths, strict=True) for s in pool.slots(t, n, n + n_new)],
             device=device)  # (B * n_new,)
-        self.all_slots = torch.zeros(len(tables), width, dtype=torch.long, device=device)
-        offsets = torch.arange(pool.block_size, device=device)
-        for row, (t, n) in enumerate(zip(tables, lengths, strict=True)):  # (B, width), 0-padded
-            slots = (torch.tensor(t, device=device)[:, None] * pool.block_size + offsets).flatten()
-            self.all_slots[row, :n + n_new] = slots[:n + n_new]
+        blocks = pool.blocks_needed(self.width)
+        self.tables = torch.tensor([t[:blocks] + [0] * (blocks - len(t[:blocks])) for t in tables],
+                                   device=device)  # (B, blocks), 0-padded past each row's end
+        self.fresh = max(lengths) == 0  # nothing cached: attend over the new keys alone
         self.use_kernel = (n_new == 1 and pool.sliding_window is None and device.type == "cpu"
                            and pool.k.dtype == torch.float32 and native_available())
 
@@ -95,29 +94,51 @@ class PagedBatch:
         return self.lengths.unsqueeze(1) + torch.arange(n_new, device=self.lengths.device)
 
     def attention_mask(self, n_new: int) -> torch.Tensor | None:
-        if self.use_kernel:
-            return None  # the paged kernel reads exactly `total` keys per row
+        window = self.pool.sliding_window
+        if self.use_kernel or (self.fresh and (window is None or n_new <= window)):
+            return None  # the paged kernel reads exactly `total` keys; SDPA does plain causal
         query = self.positions(n_new)  # (B, n_new) absolute positions
-        key = torch.arange(self.all_slots.shape[1], device=query.device)  # (S,)
+        key = torch.arange(self.width, device=query.device)  # (S,)
         visible = key[None, None, :] <= query[:, :, None]  # (B, n_new, S) causal, hides padding
-        if self.pool.sliding_window is not None:
-            visible &= key[None, None, :] > query[:, :, None] - self.pool.sliding_window
+        if window is not None:
+            visible &= key[None, None, :] > query[:, :, None] - window
         return visible.unsqueeze(1)  # (B, 1, n_new, S)
+
+    def all_slots(self) -> torch.Tensor:
+        """(B, width) pool slot of every position of every row (0 past a row's end)."""
+        bs = self.pool.block_size
+        offsets = torch.arange(bs, device=self.tables.device)
+        slots = (self.tables[:, :, None] * bs + offsets).flatten(1)[:, :self.width]
+        keep = torch.arange(self.width, device=slots.device) < self.total[:, None]
+        return slots * keep
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._store(layer, k, v)
-        keys = self.pool.k[layer][self.all_slots]  # (B, S, n_kv, hd) gathered copy
-        values = self.pool.v[layer][self.all_slots]
+        slots = self.all_slots()
+        keys = self.pool.k[layer][slots]  # (B, S, n_kv, hd) gathered copy
+        values = self.pool.v[layer][slots]
         return keys.transpose(1, 2), values.transpose(1, 2)  # (B, n_kv, S, hd)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None, attend_fn: AttendFn) -> torch.Tensor:
+        if self.fresh:
+            self._store(layer, k, v)
+            return attend_fn(q, k, v, mask)
         if not self.use_kernel:
             keys, values = self.update(layer, k, v)
             return attend_fn(q, keys, values, mask)
         self._store(layer, k, v)
         return torch.ops.pagoda_kernels.paged_decode_attention(
-            q, self.pool.k[layer], self.pool.v[layer], self.all_slots, self.total)
+            q, self.pool.k[layer], self.pool.v[layer], self.tables, self.total,
+            self.pool.block_size)
+
+    def decode_view(self, layer: int) -> tuple[torch.Tensor, ...] | None:
+        """What the fused decode-block kernel needs for this layer, or None if it does not apply:
+        (k_pool, v_pool, new_slots, block_tables, lengths, block_size)."""
+        if not self.use_kernel:
+            return None
+        return (self.pool.k[layer], self.pool.v[layer], self.new_slots, self.tables, self.total,
+                self.pool.block_size)
 
     def advance(self, n_new: int) -> None:
         """Nothing to do: the engine advances each sequence's length itself."""

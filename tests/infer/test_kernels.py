@@ -187,3 +187,59 @@ def test_native_modules_leave_training_untouched():
     loss = model.loss(ids[:, :-1], ids[:, 1:])
     loss.backward()  # grad enabled: every swapped module must take its PyTorch path
     assert model.layers[0].attn.q_proj.weight.grad is not None
+
+
+def _paged_forward(model, pool, prompts, blocks_per_row):
+    """Prefill each prompt alone, then one decode token for all rows together."""
+    from pagoda.infer.paged_cache import PagedBatch
+
+    order = torch.randperm(len(prompts) * blocks_per_row, generator=torch.Generator().manual_seed(0))
+    tables = order.view(len(prompts), blocks_per_row).tolist()  # scattered blocks
+    for table, prompt in zip(tables, prompts, strict=True):
+        model(torch.tensor([prompt[:-1]]), cache=PagedBatch(pool, [table], [0], len(prompt) - 1))
+    step = PagedBatch(pool, tables, [len(p) - 1 for p in prompts], 1)
+    return model(torch.tensor([[p[-1]] for p in prompts]), cache=step), step
+
+
+@needs_native
+@pytest.mark.parametrize("qkv_bias", [False, True])  # Llama / Qwen2
+def test_decode_block_matches_the_pytorch_block(qkv_bias, monkeypatch):
+    from pagoda.infer.kernels import NativeBlock
+    from pagoda.infer.paged_cache import PagedKVPool
+
+    torch.manual_seed(1)
+    cfg = ModelConfig.from_name("tiny-llama", init_std=0.3, attn_qkv_bias=qkv_bias)
+    reference = Transformer(cfg).eval()
+    model = use_native_kernels(copy.deepcopy(reference))
+    assert all(type(b) is NativeBlock and b._fusable for b in model.layers)
+    calls = []
+    real = torch.ops.pagoda_kernels.decode_block
+    monkeypatch.setattr(kernels.torch.ops.pagoda_kernels, "decode_block",
+                        lambda *a: calls.append(a[0].shape) or real(*a), raising=False)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (5, 17, 40)]
+    pools = [PagedKVPool(cfg, 12, 16) for _ in range(2)]  # 3 rows of 4 blocks
+    with torch.inference_mode():
+        got, step = _paged_forward(model, pools[0], prompts, 4)
+        want, _ = _paged_forward(reference, pools[1], prompts, 4)
+    assert calls == [(3, cfg.d_model)] * cfg.n_layer  # only the decode step took the kernel
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    slots = step.new_slots
+    torch.testing.assert_close(pools[0].k[:, slots], pools[1].k[:, slots], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pools[0].v[:, slots], pools[1].v[:, slots], atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+def test_decode_block_structure_checks():
+    gelu = ModelConfig.from_name("tiny-llama", activation="gelu")
+    post = ModelConfig.from_name("tiny-llama", norm_position="post")
+    for cfg in (gelu, post):
+        model = use_native_kernels(Transformer(cfg).eval())
+        assert not any(b._fusable for b in model.layers)
+    with pytest.raises(RuntimeError, match="lengths"):
+        torch.ops.pagoda_kernels.paged_decode_attention(
+            torch.randn(1, 2, 1, 8), torch.randn(16, 1, 8), torch.randn(16, 1, 8),
+            torch.tensor([[0, 1]]), torch.tensor([9]), 4)  # 9 positions > 2 blocks of 4
+    with pytest.raises(RuntimeError, match="block id"):
+        torch.ops.pagoda_kernels.paged_decode_attention(
+            torch.randn(1, 2, 1, 8), torch.randn(16, 1, 8), torch.randn(16, 1, 8),
+            torch.tensor([[0, 7]]), torch.tensor([6]), 4)  # block 7 is past the 16-slot pool

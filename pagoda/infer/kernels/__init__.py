@@ -2,10 +2,12 @@
 
 `skinny_linear` computes x @ w.T (+ b) for inputs of 1-64 rows — every decode step of a batch — splitting the
 weight rows over torch's thread pool; MKL runs these shapes on one thread at about half the
-memory bandwidth. `rms_norm` and `rope_` replace a dozen small torch ops each, whose dispatch
-overhead adds up to a sixth of a decode step. The model keeps its readable PyTorch code:
-`use_native_kernels` swaps in subclasses that call the kernels only for no-grad fp32 CPU
-inputs, and anything else, or a machine where the build fails, runs the original forward.
+memory bandwidth. `rms_norm` and `rope_` replace a dozen small torch ops each. `decode_block`
+runs a whole pre-norm Llama-style block for one new token per sequence over the paged KV cache:
+the ~30 torch ops of a block cost more in dispatch than their arithmetic, a third of a decode
+step. The model keeps its readable PyTorch code: `use_native_kernels` swaps in subclasses that
+call the kernels only for no-grad fp32 CPU inputs, and anything else, or a machine where the
+build fails, runs the original forward.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from torch import nn
 
 from pagoda.model.attention import Attention, Rotary
 from pagoda.model.ffn import FeedForward
+from pagoda.model.kv_cache import AttentionCache
 from pagoda.model.norm import RMSNorm
+from pagoda.model.transformer import Block
 from pagoda.paths import pagoda_home
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 64
-_SOURCE = Path(__file__).with_name("gemv_cpu.cpp")
+_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 
 
 @lru_cache(maxsize=1)
@@ -140,9 +144,41 @@ class NativeAttention(Attention):
         return torch.ops.pagoda_kernels.decode_attention(q, k, v, mask)
 
 
+class NativeBlock(Block):
+    """A block that decodes one token per sequence in one kernel call when it can: pre-norm,
+    RMSNorm, RoPE, SwiGLU, causal, over a paged KV cache (`decode_view`); else Block.forward."""
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: AttentionCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, D = x.shape
+        view = getattr(cache, "decode_view", None)
+        view = view(self.attn.layer) if view is not None and T == 1 else None
+        if (view is None or rope is None or not self._fusable or B > MAX_ROWS or self.training
+                or not _native(x)):
+            return super().forward(x, rope, cache, mask)
+        k_pool, v_pool, new_slots, tables, lengths, block_size = view
+        attn, ffn = self.attn, self.ffn
+        y = torch.ops.pagoda_kernels.decode_block(
+            x.reshape(B, D), self.attn_norm.weight, self.ffn_norm.weight, self.attn_norm.eps,
+            *attn._qkv, attn.o_proj.weight, attn.o_proj.bias, *ffn._gate_up,
+            ffn.down_proj.weight, ffn.down_proj.bias, rope[0].reshape(B, -1),
+            rope[1].reshape(B, -1), k_pool, v_pool, new_slots, tables, lengths, block_size,
+            attn.n_head)
+        return y.view(B, 1, D)
+
+
+def _fusable(block: Block) -> bool:
+    """Whether `decode_block` computes exactly this block (its structure, not its inputs)."""
+    ffn, attn = block.ffn, block.attn
+    return (block.pre_norm and type(block.attn_norm) is NativeRMSNorm
+            and type(block.ffn_norm) is NativeRMSNorm and block.attn_norm.eps == block.ffn_norm.eps
+            and type(ffn) is NativeFeedForward and ffn.gate_proj is not None and ffn.act is F.silu
+            and type(attn) is NativeAttention and attn.causal and hasattr(attn, "_qkv"))
+
+
 _SWAPS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: SkinnyLinear, RMSNorm: NativeRMSNorm, Rotary: NativeRotary,
-    Attention: NativeAttention, FeedForward: NativeFeedForward}
+    Attention: NativeAttention, FeedForward: NativeFeedForward, Block: NativeBlock}
 
 
 def use_native_kernels(model: nn.Module) -> nn.Module:
@@ -157,4 +193,7 @@ def use_native_kernels(model: nn.Module) -> nn.Module:
         elif (type(module) is NativeFeedForward and module.gate_proj is not None
               and not hasattr(module, "_gate_up")):
             module._gate_up = _fuse([module.gate_proj, module.up_proj])
+    for module in model.modules():  # after the swaps above: fusability reads the new types
+        if type(module) is NativeBlock:
+            module._fusable = _fusable(module)
     return model

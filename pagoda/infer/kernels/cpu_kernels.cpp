@@ -1,0 +1,520 @@
+// CPU kernels for decoding: skinny matrix products, RMSNorm, RoPE, attention over a paged KV
+// cache, and `decode_block`, one whole pre-norm Transformer block for one new token per sequence.
+//
+// MKL runs x @ w.T single-threaded when x has only a few rows, reaching about half the memory
+// bandwidth of two cores. Decoding is bound by reading the weights once per step, so we split the
+// output rows across torch's own thread pool and stream each weight row through AVX2 FMAs once
+// for every chunk of up to 8 rows of x (a decode batch of up to 64 sequences). Everything else
+// in a decode step is tiny, and running it as one call per block instead of ~30 torch ops saves
+// the per-op dispatch that otherwise costs a third of the step.
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#include <immintrin.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+namespace {
+
+constexpr int64_t kMaxRows = 64;  // rows of x per call (a decode batch)
+constexpr int kChunk = 8;         // rows sharing one pass over a weight row
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// a . b over n floats (AVX2; n need not be a multiple of 8). Two accumulators halve the FMA
+// dependency chain of the short (head-size) vectors attention works on.
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  float s = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y += p * x over n floats.
+inline void axpy(float* y, float p, const float* x, int64_t n) {
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += p * x[i];
+}
+
+// One weight row against M input rows: M dot products sharing every load of the weight row.
+template <int M>
+inline void dot_rows(const float* x, int64_t ldx, const float* w, int64_t K, float* out) {
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv = _mm256_loadu_ps(w + k);
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + k), wv, acc[m]);
+  }
+  for (int m = 0; m < M; ++m) {
+    float s = hsum(acc[m]);
+    for (int64_t kk = k; kk < K; ++kk) s += x[m * ldx + kk] * w[kk];
+    out[m] = s;
+  }
+}
+
+template <int M>
+void dot_rows_bias(const float* x, int64_t K, const float* w, const float* bias, float* y,
+                   int64_t N, int64_t n) {
+  float tmp[M];
+  dot_rows<M>(x, K, w, K, tmp);
+  const float b = bias ? bias[n] : 0.f;
+  for (int m = 0; m < M; ++m) y[m * N + n] = tmp[m] + b;
+}
+
+using RowsFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t);
+constexpr RowsFn kRows[kChunk] = {dot_rows_bias<1>, dot_rows_bias<2>, dot_rows_bias<3>, dot_rows_bias<4>,
+                                  dot_rows_bias<5>, dot_rows_bias<6>, dot_rows_bias<7>, dot_rows_bias<8>};
+
+// Output columns [begin, end): each weight row is loaded from memory once, then reused from L1
+// for every chunk of up to 8 input rows.
+void gemv_block(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t K,
+                int64_t N, int64_t begin, int64_t end) {
+  for (int64_t n = begin; n < end; ++n) {
+    for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
+      const int64_t rows = std::min<int64_t>(kChunk, M - m0);
+      kRows[rows - 1](x + m0 * K, K, w + n * K, bias, y + m0 * N, N, n);
+    }
+  }
+}
+
+// y (M, N) = x (M, K) @ w (N, K).T (+ bias), contiguous rows, output rows split over threads.
+void linear_rows(const float* x, int64_t M, int64_t K, const float* w, int64_t N,
+                 const float* bias, float* y) {
+  // ~16 KiB of weights per task keeps scheduling overhead small against the memory traffic.
+  const int64_t grain = std::max<int64_t>(1, 4096 / K);
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { gemv_block(x, w, bias, y, M, K, N, begin, end); });
+}
+
+inline void rms_norm_row(const float* x, const float* w, float* y, int64_t D, float eps) {
+  double ss = 0;
+  for (int64_t i = 0; i < D; ++i) ss += double(x[i]) * x[i];
+  const float scale = float(1.0 / std::sqrt(ss / D + eps));
+  for (int64_t i = 0; i < D; ++i) y[i] = x[i] * scale * w[i];
+}
+
+// Rotate-half RoPE of one head vector in place; c and s hold hd values for its position.
+inline void rope_row(float* v, const float* c, const float* s, int64_t hd) {
+  const int64_t half = hd / 2;
+  for (int64_t j = 0; j < half; ++j) {
+    const float a = v[j], z = v[j + half];
+    v[j] = a * c[j] - z * s[j];
+    v[j + half] = z * c[j + half] + a * s[j + half];
+  }
+}
+
+// Where key/value position s of a sequence lives in a paged pool: its block table maps blocks of
+// `block_size` positions to pool blocks.
+struct PagedSeq {
+  const int64_t* table;
+  int64_t block_size;
+  int64_t length;  // positions to attend to
+  // fn(i, slot) for positions s0 + i in [s0, s1), one division per block rather than per key.
+  template <typename Fn>
+  void for_each_slot(int64_t s0, int64_t s1, Fn fn) const {
+    for (int64_t s = s0; s < s1;) {
+      const int64_t off = s % block_size, n = std::min(block_size - off, s1 - s);
+      const int64_t base = table[s / block_size] * block_size + off;
+      for (int64_t i = 0; i < n; ++i) fn(s - s0 + i, base + i);
+      s += n;
+    }
+  }
+};
+
+// exp(x) for 8 floats (AVX2): 2^(x log2 e) split into 2^integer (exponent bits) times a degree-6
+// polynomial for the fraction; relative error ~2e-7, the accuracy of expf.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-88.0f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.69314718055994531f));  // |f| <= ln2/2
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// v[i] = exp(v[i] - shift) for n floats; returns their sum.
+inline float exp_shift_sum(float* v, int64_t n, float shift) {
+  const __m256 sv = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(v + i), sv));
+    _mm256_storeu_ps(v + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum(acc);
+  for (; i < n; ++i) sum += (v[i] = std::exp(v[i] - shift));
+  return sum;
+}
+
+// Keys are rows `row` floats apart in the pool, too far for the hardware prefetcher to follow:
+// ask for the row kAhead keys ahead (past a block's end it is a harmless miss).
+constexpr int64_t kAhead = 8;
+inline void prefetch_row(const float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+}
+
+// Softmax attention of the `group` query heads sharing one KV head over keys [s0, s1) of a paged
+// sequence, left unnormalised so key ranges can be merged: best[j] = max score, total[j] = sum of
+// exp(score - best[j]), acc[j] = sum of exp(score - best[j]) * value. Each key and value row is
+// read once for the whole group. qs holds the group's queries pre-multiplied by 1/sqrt(hd).
+void attend_range(const float* qs, int64_t group, const float* kp, const float* vp,
+                  const PagedSeq& seq, int64_t s0, int64_t s1, int64_t row, int64_t col, int64_t hd,
+                  float* scores, float* best, float* total, float* acc) {
+  const int64_t n = s1 - s0;
+  for (int64_t j = 0; j < group; ++j) best[j] = -INFINITY;
+  seq.for_each_slot(s0, s1, [&](int64_t i, int64_t slot) {
+    const float* k = kp + slot * row + col;
+    prefetch_row(k + kAhead * row, hd);
+    for (int64_t j = 0; j < group; ++j) scores[j * n + i] = dot(qs + j * hd, k, hd);
+  });
+  for (int64_t j = 0; j < group; ++j) {
+    float m = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, scores[j * n + i]);
+    best[j] = m;
+    total[j] = n ? exp_shift_sum(scores + j * n, n, m) : 0.f;
+  }
+  std::fill(acc, acc + group * hd, 0.f);
+  seq.for_each_slot(s0, s1, [&](int64_t i, int64_t slot) {
+    const float* v = vp + slot * row + col;
+    prefetch_row(v + kAhead * row, hd);
+    for (int64_t j = 0; j < group; ++j) axpy(acc + j * hd, scores[j * n + i], v, hd);
+  });
+}
+
+// Every query head of B sequences (q_at(b, h) points at a head vector) over the paged pools;
+// out is (B, H, hd) contiguous. Work is split by (sequence, KV head, range of keys) so that even
+// one sequence keeps every thread busy (split-K, as in flash-decoding); the ranges are merged
+// with the usual log-sum-exp rescaling.
+template <typename QAt>
+void attend_paged(QAt q_at, const float* kp, const float* vp, const int64_t* tables,
+                  int64_t table_width, int64_t block_size, const int64_t* lengths, int64_t B,
+                  int64_t H, int64_t Hkv, int64_t hd, float* out) {
+  const int64_t group = H / Hkv, row = Hkv * hd;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  int64_t longest = 1;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lengths[b]);
+  const int64_t want = 4 * at::get_num_threads();  // tasks to aim for
+  const int64_t splits = std::min<int64_t>((want + B * Hkv - 1) / (B * Hkv), (longest + 31) / 32);
+  const int64_t span = (longest + splits - 1) / splits;  // keys per range (>= 32 unless short)
+  const int64_t parts = B * Hkv * splits;
+  std::vector<float> best(parts * group), total(parts * group), acc(parts * group * hd);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qs(group * hd), scores(group * span), local(group * hd), m(group), l(group);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / (Hkv * splits), g = (t / splits) % Hkv, c = t % splits;
+      const PagedSeq seq{tables + b * table_width, block_size, lengths[b]};
+      const int64_t s0 = std::min(c * span, seq.length), s1 = std::min(s0 + span, seq.length);
+      for (int64_t j = 0; j < group; ++j) {
+        const float* q = q_at(b, g * group + j);
+        for (int64_t d = 0; d < hd; ++d) qs[j * hd + d] = q[d] * scale;
+      }
+      attend_range(qs.data(), group, kp, vp, seq, s0, s1, row, g * hd, hd, scores.data(),
+                   m.data(), l.data(), local.data());
+      // copied out at the end: neighbouring tasks (other threads) share these cache lines
+      std::copy(m.begin(), m.end(), best.begin() + t * group);
+      std::copy(l.begin(), l.end(), total.begin() + t * group);
+      std::copy(local.begin(), local.end(), acc.begin() + t * group * hd);
+    }
+  });
+  at::parallel_for(0, B * H, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / group, j = h % group;
+      const int64_t first = (b * Hkv + g) * splits;  // this head's ranges: parts first..first+splits
+      float m = -INFINITY;
+      for (int64_t c = 0; c < splits; ++c) m = std::max(m, best[(first + c) * group + j]);
+      float* o = out + i * hd;
+      std::fill(o, o + hd, 0.f);
+      float sum = 0.f;
+      for (int64_t c = 0; c < splits; ++c) {
+        const int64_t at = (first + c) * group + j;
+        if (total[at] == 0.f) continue;  // an empty range
+        const float w = std::exp(best[at] - m);
+        sum += total[at] * w;
+        axpy(o, w, &acc[at * hd], hd);
+      }
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
+    }
+  });
+}
+
+void check_cpu_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, ": float32 CPU tensor expected");
+}
+
+const float* optional_ptr(const std::optional<at::Tensor>& t, int64_t n, const char* name) {
+  if (!t.has_value()) return nullptr;
+  check_cpu_float(*t, name);
+  TORCH_CHECK(t->is_contiguous() && t->numel() == n, name, ": contiguous vector of ", n, " expected");
+  return t->data_ptr<float>();
+}
+
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "shape mismatch");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "1..64 rows only");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
+  auto y = at::empty({M, N}, xc.options());
+  at::Tensor bc;  // must outlive the call: a non-contiguous bias is copied here
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N &&
+                bias->device().is_cpu(), "bias must be a float32 CPU vector of out_features");
+    bc = bias->contiguous();
+  }
+  linear_rows(xc.data_ptr<float>(), M, K, wc.data_ptr<float>(), N,
+              bc.defined() ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  return y;
+}
+
+// RMSNorm of each row of a (rows, D) float32 tensor: y = x / rms(x) * weight.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "CPU tensors only");
+  auto xc = x.contiguous();
+  auto wc = weight.contiguous();
+  const int64_t D = wc.numel();
+  TORCH_CHECK(xc.size(-1) == D, "last dimension must match the weight");
+  auto y = at::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, xc.numel() / D, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) rms_norm_row(xp + r * D, wp, yp + r * D, D, float(eps));
+  });
+  return y;
+}
+
+// Rotate-half RoPE in place on x (B, H, T, hd), any strides with a unit last stride;
+// cos and sin are (B, 1, T, hd).
+void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.stride(3) == 1, "x: float32 (B,H,T,hd)");
+  auto c = cos.contiguous();
+  auto s = sin.contiguous();
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), hd = x.size(3);
+  TORCH_CHECK(c.numel() == B * T * hd && s.numel() == B * T * hd, "cos/sin must be (B, 1, T, hd)");
+  float* xp = x.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  const int64_t sb = x.stride(0), sh = x.stride(1), st = x.stride(2);
+  at::parallel_for(0, B * H * T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / (H * T), h = (i / T) % H, t = i % T;
+      rope_row(xp + b * sb + h * sh + t * st, cp + (b * T + t) * hd, sp + (b * T + t) * hd, hd);
+    }
+  });
+}
+
+// Attention of one new query per sequence: q (B, H, 1, hd) against k, v (B, Hkv, S, hd) views of
+// the KV cache (unit last stride), optional bool mask (B, 1, 1, S) of visible keys.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && v.dim() == 4, "q (B,H,1,hd), k/v (B,Hkv,S,hd)");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "unit last stride");
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(3), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(H % Hkv == 0 && k.size(3) == hd && v.size(2) == S, "shape mismatch");
+  at::Tensor m;
+  if (mask.has_value()) {
+    m = mask->to(at::kBool).expand({B, 1, 1, S}).contiguous();
+  }
+  const bool* mp = m.defined() ? m.data_ptr<bool>() : nullptr;
+  auto out = at::empty({B, H, 1, hd}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = H / Hkv;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(S);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / group;
+      const float* qv = qp + b * q.stride(0) + h * q.stride(1);
+      const float* kb = kp + b * k.stride(0) + g * k.stride(1);
+      const float* vb = vp + b * v.stride(0) + g * v.stride(1);
+      float best = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        if (mp && !mp[b * S + s]) { scores[s] = -INFINITY; continue; }
+        scores[s] = dot(qv, kb + s * k.stride(2), hd) * scale;
+        best = std::max(best, scores[s]);
+      }
+      float* o = op + i * hd;
+      std::fill(o, o + hd, 0.f);
+      float total = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        if (scores[s] == -INFINITY) continue;
+        const float p = std::exp(scores[s] - best);
+        total += p;
+        axpy(o, p, vb + s * v.stride(2), hd);
+      }
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
+    }
+  });
+  return out;
+}
+
+// The paged view of one layer: pools (slots, Hkv, hd), block tables (B, width) int64, lengths (B).
+struct PagedArgs {
+  at::Tensor tables, lengths;
+  int64_t B, width, Hkv, hd;
+  PagedArgs(const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& block_tables,
+            const at::Tensor& lens, int64_t batch) {
+    check_cpu_float(k_pool, "k_pool");
+    check_cpu_float(v_pool, "v_pool");
+    TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.dim() == 3 &&
+                k_pool.sizes() == v_pool.sizes(), "pools: contiguous (slots, Hkv, hd), same shape");
+    tables = block_tables.to(at::kLong).contiguous();
+    lengths = lens.to(at::kLong).contiguous();
+    B = batch, width = tables.size(1), Hkv = k_pool.size(1), hd = k_pool.size(2);
+    TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B && lengths.numel() == B, "block tables (B, width), lengths (B)");
+  }
+  void check_lengths(int64_t block_size, int64_t slots) const {
+    const int64_t* lp = lengths.data_ptr<int64_t>();
+    const int64_t* tp = tables.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(lp[b] >= 1 && lp[b] <= width * block_size, "lengths must be 1..width*block_size");
+      for (int64_t j = 0; j < (lp[b] + block_size - 1) / block_size; ++j)
+        TORCH_CHECK(tp[b * width + j] >= 0 && (tp[b * width + j] + 1) * block_size <= slots, "block id out of range");
+    }
+  }
+};
+
+// Decode attention straight from a paged KV pool: q (B, H, 1, hd); k_pool, v_pool (slots, Hkv,
+// hd); block_tables (B, width) naming each row's pool blocks in order; lengths (B) how many
+// positions row b attends to. No gather: each key row is read in place.
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                  const at::Tensor& block_tables, const at::Tensor& lengths,
+                                  int64_t block_size) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.stride(3) == 1, "q (B,H,1,hd) with unit last stride");
+  check_cpu_float(q, "q");
+  const int64_t B = q.size(0), H = q.size(1);
+  PagedArgs pa(k_pool, v_pool, block_tables, lengths, B);
+  TORCH_CHECK(H % pa.Hkv == 0 && q.size(3) == pa.hd, "shape mismatch");
+  pa.check_lengths(block_size, k_pool.size(0));
+  auto out = at::empty({B, H, 1, pa.hd}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const int64_t sb = q.stride(0), sh = q.stride(1);
+  attend_paged([&](int64_t b, int64_t h) { return qp + b * sb + h * sh; }, k_pool.data_ptr<float>(),
+               v_pool.data_ptr<float>(), pa.tables.data_ptr<int64_t>(), pa.width, block_size,
+               pa.lengths.data_ptr<int64_t>(), B, H, pa.Hkv, pa.hd, out.data_ptr<float>());
+  return out;
+}
+
+// One pre-norm block (RMSNorm, RoPE attention over the paged cache, RMSNorm, SwiGLU FFN, both
+// residuals) for one new token per sequence, in one call:
+//   h = x + o(attend(rope(qkv(norm1(x))))),  out = h + down(silu(gate(norm2(h))) * up(norm2(h)))
+// x (B, D); qkv_w (H*hd + 2*Hkv*hd, D) = [Wq; Wk; Wv]; gate_up_w (2F, D) = [Wgate; Wup];
+// cos, sin (B, hd) at each row's position; the new key/value go to pool slot new_slots[b].
+at::Tensor decode_block(const at::Tensor& x, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
+                        const at::Tensor& qkv_w, const std::optional<at::Tensor>& qkv_b,
+                        const at::Tensor& o_w, const std::optional<at::Tensor>& o_b,
+                        const at::Tensor& gate_up_w, const std::optional<at::Tensor>& gate_up_b,
+                        const at::Tensor& down_w, const std::optional<at::Tensor>& down_b,
+                        const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_pool, at::Tensor& v_pool,
+                        const at::Tensor& new_slots, const at::Tensor& block_tables,
+                        const at::Tensor& lengths, int64_t block_size, int64_t n_head) {
+  for (const auto* t : {&x, &norm1, &norm2, &qkv_w, &o_w, &gate_up_w, &down_w, &cos, &sin}) {
+    check_cpu_float(*t, "decode_block");
+    TORCH_CHECK(t->is_contiguous(), "decode_block: contiguous tensors expected");
+  }
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, "x: (B, D) with 1..64 rows");
+  const int64_t B = x.size(0), D = x.size(1);
+  PagedArgs pa(k_pool, v_pool, block_tables, lengths, B);
+  const int64_t H = n_head, Hkv = pa.Hkv, hd = pa.hd, F = gate_up_w.size(0) / 2;
+  const int64_t Nq = H * hd, Nkv = Hkv * hd, Nqkv = Nq + 2 * Nkv;
+  TORCH_CHECK(H % Hkv == 0 && norm1.numel() == D && norm2.numel() == D, "decode_block: head or norm shape mismatch");
+  TORCH_CHECK(qkv_w.sizes() == at::IntArrayRef({Nqkv, D}) && o_w.sizes() == at::IntArrayRef({D, Nq}) &&
+              gate_up_w.sizes() == at::IntArrayRef({2 * F, D}) && down_w.sizes() == at::IntArrayRef({D, F}),
+              "decode_block: weight shape mismatch");
+  TORCH_CHECK(cos.numel() == B * hd && sin.numel() == B * hd, "cos/sin must be (B, hd)");
+  auto slots = new_slots.to(at::kLong).contiguous();
+  TORCH_CHECK(slots.numel() == B, "new_slots: one slot per row");
+  pa.check_lengths(block_size, k_pool.size(0));
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(sp[b] >= 0 && sp[b] < k_pool.size(0), "new slot out of range");
+
+  auto opts = x.options();
+  auto out = at::empty({B, D}, opts);
+  auto h = at::empty({B, D}, opts);  // normed input of each sub-layer
+  auto qkv = at::empty({B, Nqkv}, opts);
+  auto attn = at::empty({B, Nq}, opts);
+  auto gate_up = at::empty({B, 2 * F}, opts);
+  auto act = at::empty({B, F}, opts);
+  const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
+  float *outp = out.data_ptr<float>(), *hp = h.data_ptr<float>(), *qkvp = qkv.data_ptr<float>();
+  float *attnp = attn.data_ptr<float>(), *gup = gate_up.data_ptr<float>(), *actp = act.data_ptr<float>();
+  float *kp = k_pool.data_ptr<float>(), *vp = v_pool.data_ptr<float>();
+
+  // attention sub-layer
+  for (int64_t b = 0; b < B; ++b) rms_norm_row(xp + b * D, norm1.data_ptr<float>(), hp + b * D, D, float(eps));
+  linear_rows(hp, B, D, qkv_w.data_ptr<float>(), Nqkv, optional_ptr(qkv_b, Nqkv, "qkv bias"), qkvp);
+  for (int64_t b = 0; b < B; ++b) {
+    float* row = qkvp + b * Nqkv;
+    for (int64_t head = 0; head < H + Hkv; ++head) rope_row(row + head * hd, cp + b * hd, snp + b * hd, hd);
+    std::copy(row + Nq, row + Nq + Nkv, kp + sp[b] * Nkv);
+    std::copy(row + Nq + Nkv, row + Nqkv, vp + sp[b] * Nkv);
+  }
+  attend_paged([&](int64_t b, int64_t hh) { return qkvp + b * Nqkv + hh * hd; }, kp, vp,
+               pa.tables.data_ptr<int64_t>(), pa.width, block_size, pa.lengths.data_ptr<int64_t>(),
+               B, H, Hkv, hd, attnp);
+  linear_rows(attnp, B, Nq, o_w.data_ptr<float>(), D, optional_ptr(o_b, D, "o bias"), outp);
+  for (int64_t i = 0; i < B * D; ++i) outp[i] += xp[i];
+
+  // feed-forward sub-layer
+  for (int64_t b = 0; b < B; ++b) rms_norm_row(outp + b * D, norm2.data_ptr<float>(), hp + b * D, D, float(eps));
+  linear_rows(hp, B, D, gate_up_w.data_ptr<float>(), 2 * F, optional_ptr(gate_up_b, 2 * F, "gate/up bias"), gup);
+  at::parallel_for(0, B, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t j = 0; j < F; ++j) {
+        const float g = gup[b * 2 * F + j];
+        actp[b * F + j] = g / (1.f + std::exp(-g)) * gup[b * 2 * F + F + j];
+      }
+  });
+  auto ffn = at::empty({B, D}, opts);
+  linear_rows(actp, B, F, down_w.data_ptr<float>(), D, optional_ptr(down_b, D, "down bias"), ffn.data_ptr<float>());
+  const float* fp = ffn.data_ptr<float>();
+  for (int64_t i = 0; i < B * D; ++i) outp[i] += fp[i];
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pagoda_kernels, m) {
+  m.def("skinny_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor", &skinny_linear);
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()", &rope_);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);
+  m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
+        "Tensor lengths, int block_size) -> Tensor", &paged_decode_attention);
+  m.def("decode_block(Tensor x, Tensor norm1, Tensor norm2, float eps, Tensor qkv_w, Tensor? qkv_b, "
+        "Tensor o_w, Tensor? o_b, Tensor gate_up_w, Tensor? gate_up_b, Tensor down_w, Tensor? down_b, "
+        "Tensor cos, Tensor sin, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor new_slots, "
+        "Tensor block_tables, Tensor lengths, int block_size, int n_head) -> Tensor", &decode_block);
+}
