@@ -13,7 +13,6 @@ import queue
 import threading
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ import torch
 from pagoda.errors import InvalidRequestError, QueueFullError
 from pagoda.infer.generate import Timings, TokenEvent, check_request
 from pagoda.infer.kernels import use_native_kernels
-from pagoda.infer.paged_cache import PagedBatch, PagedKVPool
+from pagoda.infer.paged_cache import PackedBatch, PagedBatch, PagedKVPool
 from pagoda.infer.sampling import SamplingParams, SequenceSamplingState, sample
 from pagoda.infer.scheduler import Scheduler, Sequence
 from pagoda.model.transformer import Transformer
@@ -119,19 +118,27 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[TokenOutput]:
         """Run one scheduled step; return the tokens it produced."""
-        groups: dict[int, list[Sequence]] = defaultdict(list)
-        for seq, n in self.scheduler.schedule():
-            groups[n].append(seq)
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        seqs = [seq for seq, _ in plan]
+        tables, cached = [s.table for s in seqs], [s.cached for s in seqs]
+        if all(n == 1 for _, n in plan):  # decode only: a (B, 1) batch, fused kernels apply
+            ids = torch.tensor([[s.ids[s.cached]] for s in seqs], device=self.model.device)
+            out = self.model(ids, cache=PagedBatch(self.pool, tables, cached, 1), last_only=True)
+            out = out[:, -1]  # (B, vocab)
+        else:  # prompt chunks (and decodes riding along): one packed row
+            batch = PackedBatch(self.pool, tables, cached, [n for _, n in plan])
+            plan = [plan[i] for i in batch.order]
+            ids = torch.tensor([[t for s, n in plan for t in s.ids[s.cached:s.cached + n]]],
+                               device=self.model.device)
+            out = self.model(ids, cache=batch, keep=batch.last_tokens)[0]  # (len(seqs), vocab)
         ready, logits = [], []
-        for n, seqs in groups.items():  # one forward pass per distinct chunk length
-            ids = torch.tensor([s.ids[s.cached:s.cached + n] for s in seqs], device=self.model.device)
-            batch = PagedBatch(self.pool, [s.table for s in seqs], [s.cached for s in seqs], n)
-            out = self.model(ids, cache=batch, last_only=True)[:, -1]  # (B, vocab)
-            for row, seq in enumerate(seqs):
-                seq.cached += n
-                if seq.pending == 0:  # all its tokens are cached: sample the next one
-                    ready.append(seq)
-                    logits.append(out[row])
+        for row, (seq, n) in enumerate(plan):
+            seq.cached += n
+            if seq.pending == 0:  # all its tokens are cached: sample the next one
+                ready.append(seq)
+                logits.append(out[row])
         if not ready:
             return []
         picked = sample(torch.stack(logits), [s.params for s in ready], [s.state for s in ready])

@@ -147,3 +147,53 @@ class PagedBatch:
         B, n_kv, T, hd = k.shape
         self.pool.k[layer].index_copy_(0, self.new_slots, k.transpose(1, 2).reshape(B * T, n_kv, hd))
         self.pool.v[layer].index_copy_(0, self.new_slots, v.transpose(1, 2).reshape(B * T, n_kv, hd))
+
+
+class PackedBatch:
+    """One forward pass over sequences adding different numbers of tokens, packed into a single
+    row (1, T): decode tokens first, then each prompt chunk. Every weight is read once for all of
+    them, so decode tokens ride along a prefill chunk almost free (vLLM's mixed batches).
+    Attention runs per part: one `PagedBatch` for all decode tokens, one per prompt chunk."""
+
+    def __init__(self, pool: PagedKVPool, tables: list[list[int]], lengths: list[int],
+                 counts: list[int]) -> None:
+        decode = [i for i, n in enumerate(counts) if n == 1]
+        chunks = [i for i, n in enumerate(counts) if n > 1]
+        self.order = decode + chunks  # sequence indices in packed order
+        # (batch, first token, end token, decode part?)
+        self.parts: list[tuple[PagedBatch, int, int, bool]] = []
+        if decode:
+            self.parts.append((PagedBatch(pool, [tables[i] for i in decode],
+                                          [lengths[i] for i in decode], 1), 0, len(decode), True))
+        start = len(decode)
+        for i in chunks:
+            batch = PagedBatch(pool, [tables[i]], [lengths[i]], counts[i])
+            self.parts.append((batch, start, start + counts[i], False))
+            start += counts[i]
+        last = [*range(len(decode)), *(end - 1 for _, _, end, dec in self.parts if not dec)]
+        self.last_tokens = torch.tensor(last, device=pool.k.device)  # per sequence, packed order
+
+    def positions(self, n_new: int) -> torch.Tensor:
+        parts = [batch.positions(1 if dec else end - start).reshape(-1)
+                 for batch, start, end, dec in self.parts]
+        return torch.cat(parts).unsqueeze(0)  # (1, T)
+
+    def attention_mask(self, n_new: int) -> torch.Tensor | None:
+        return None  # each part builds its own in `attend`
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("a packed batch attends part by part: use attend()")
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, attend_fn: AttendFn) -> torch.Tensor:
+        outs = []
+        for batch, start, end, dec in self.parts:
+            part = [t[:, :, start:end] for t in (q, k, v)]  # (1, heads, n, hd)
+            if dec:  # n sequences of one token each: (n, heads, 1, hd)
+                part = [t.transpose(0, 2) for t in part]
+            y = batch.attend(layer, *part, batch.attention_mask(part[0].shape[2]), attend_fn)
+            outs.append(y.transpose(0, 2) if dec else y)
+        return torch.cat(outs, dim=2)  # (1, H, T, hd)
+
+    def advance(self, n_new: int) -> None:
+        """Nothing to do: the engine advances each sequence's length itself."""

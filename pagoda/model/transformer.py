@@ -86,8 +86,10 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=std)
 
     def forward(self, idx: torch.Tensor, cache: AttentionCache | None = None,
-                last_only: bool = False, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids idx (B, T); (B, 1, vocab) when last_only.
+                last_only: bool = False, positions: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids idx (B, T); (B, 1, vocab) when last_only, and
+        (B, len(keep), vocab) for only the token indices `keep` (the head is a big matmul).
 
         With a cache, idx holds only the new tokens and attends to everything cached before;
         `positions` (B, T) overrides the absolute positions (e.g. for packed sequences).
@@ -113,7 +115,9 @@ class Transformer(nn.Module):
             x = block(x, rope, cache, mask)
         if cache is not None:
             cache.advance(T)
-        if last_only:
+        if keep is not None:
+            x = x[:, keep]
+        elif last_only:
             x = x[:, -1:]
         if self.final_norm is not None:
             x = self.final_norm(x)
