@@ -18,7 +18,6 @@
 namespace {
 
 constexpr int64_t kMaxRows = 64;  // rows of x per call (a decode batch)
-constexpr int kChunk = 8;         // rows sharing one pass over a weight row
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -51,45 +50,47 @@ inline void axpy(float* y, float p, const float* x, int64_t n) {
   for (; i < n; ++i) y[i] += p * x[i];
 }
 
-// One weight row against M input rows: M dot products sharing every load of the weight row.
-template <int M>
-inline void dot_rows(const float* x, int64_t ldx, const float* w, int64_t K, float* out) {
-  __m256 acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+// A register tile: NR weight rows against MR input rows, NR*MR accumulators. Each step of 8
+// along K loads NR + MR vectors for NR*MR FMAs, so a batch of decode rows is bound by the FMA
+// units rather than by loads; one row (MR = 1) is bound by reading the weights anyway.
+template <int NR, int MR>
+inline void tile(const float* x, int64_t K, const float* w, const float* bias, float* y,
+                 int64_t N, int64_t n, int64_t m) {
+  __m256 acc[NR][MR];
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < MR; ++j) acc[i][j] = _mm256_setzero_ps();
+  const float* wr = w + n * K;
+  const float* xr = x + m * K;
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
-    __m256 wv = _mm256_loadu_ps(w + k);
-    for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + k), wv, acc[m]);
+    __m256 xv[MR];
+    for (int j = 0; j < MR; ++j) xv[j] = _mm256_loadu_ps(xr + j * K + k);
+    for (int i = 0; i < NR; ++i) {
+      const __m256 wv = _mm256_loadu_ps(wr + i * K + k);
+      for (int j = 0; j < MR; ++j) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+    }
   }
-  for (int m = 0; m < M; ++m) {
-    float s = hsum(acc[m]);
-    for (int64_t kk = k; kk < K; ++kk) s += x[m * ldx + kk] * w[kk];
-    out[m] = s;
-  }
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < MR; ++j) {
+      float s = hsum(acc[i][j]);
+      for (int64_t kk = k; kk < K; ++kk) s += xr[j * K + kk] * wr[i * K + kk];
+      y[(m + j) * N + n + i] = s + (bias ? bias[n + i] : 0.f);
+    }
 }
 
-template <int M>
-void dot_rows_bias(const float* x, int64_t K, const float* w, const float* bias, float* y,
-                   int64_t N, int64_t n) {
-  float tmp[M];
-  dot_rows<M>(x, K, w, K, tmp);
-  const float b = bias ? bias[n] : 0.f;
-  for (int m = 0; m < M; ++m) y[m * N + n] = tmp[m] + b;
-}
+constexpr int kTileN = 4, kTileM = 2;  // 8 accumulators + 4 weight + 2 input registers of 16
+using TileFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t);
+constexpr TileFn kTiles[kTileN][kTileM] = {{tile<1, 1>, tile<1, 2>}, {tile<2, 1>, tile<2, 2>},
+                                           {tile<3, 1>, tile<3, 2>}, {tile<4, 1>, tile<4, 2>}};
 
-using RowsFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t);
-constexpr RowsFn kRows[kChunk] = {dot_rows_bias<1>, dot_rows_bias<2>, dot_rows_bias<3>, dot_rows_bias<4>,
-                                  dot_rows_bias<5>, dot_rows_bias<6>, dot_rows_bias<7>, dot_rows_bias<8>};
-
-// Output columns [begin, end): each weight row is loaded from memory once, then reused from L1
-// for every chunk of up to 8 input rows.
+// Output columns [begin, end): a few weight rows at a time, kept in L1 while every input row
+// passes over them, so each weight is read from memory once per call.
 void gemv_block(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t K,
                 int64_t N, int64_t begin, int64_t end) {
-  for (int64_t n = begin; n < end; ++n) {
-    for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
-      const int64_t rows = std::min<int64_t>(kChunk, M - m0);
-      kRows[rows - 1](x + m0 * K, K, w + n * K, bias, y + m0 * N, N, n);
-    }
+  for (int64_t n = begin; n < end; n += kTileN) {
+    const int64_t nr = std::min<int64_t>(kTileN, end - n);
+    for (int64_t m = 0; m < M; m += kTileM)
+      kTiles[nr - 1][std::min<int64_t>(kTileM, M - m) - 1](x, K, w, bias, y, N, n, m);
   }
 }
 
