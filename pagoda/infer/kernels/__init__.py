@@ -111,26 +111,30 @@ def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T (+ bias): the native kernel for a few rows, one MKL GEMM for many (one wide
+    GEMM instead of two or three narrow ones)."""
     rows, width = x.numel() // x.shape[-1], x.shape[-1]
+    if rows > MAX_ROWS:
+        return F.linear(x, weight, bias)
     y = torch.ops.pagoda_kernels.skinny_linear(x.reshape(rows, width), weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class NativeFeedForward(FeedForward):
-    """Gated FFN whose gate and up projections run as one kernel call."""
+    """Gated FFN whose gate and up projections run as one matrix product."""
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_proj is None or x.numel() // x.shape[-1] > MAX_ROWS or not _native(x):
+        if self.gate_proj is None or not _native(x):
             return super().hidden(x)
         gate, up = _fused_linear(x, *self._gate_up).chunk(2, dim=-1)
         return self.act(gate) * up
 
 
 class NativeAttention(Attention):
-    """Attention with q/k/v from one kernel call and one-token decode over the cached keys."""
+    """Attention with q/k/v from one matrix product and one-token decode over the cached keys."""
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if x.numel() // x.shape[-1] > MAX_ROWS or not _native(x):
+        if not _native(x):
             return super().project(x)
         B, T, _ = x.shape
         heads = _fused_linear(x, *self._qkv).view(B, T, self.n_head + 2 * self.n_kv, self.hd)
