@@ -55,3 +55,21 @@ class QueueFullError(PagodaError):
     http_status = 503
     error_type = "server_error"
     code = "queue_full"
+
+
+class DocumentError(PagodaError):
+    """A file given to a knowledge base cannot be read: unsupported type, empty, binary, corrupt.
+
+    Its own class (not `InvalidRequestError`) so that ingesting many files can skip and report
+    the bad ones while every other failure still stops the run.
+    """
+
+    code = "invalid_document"
+
+
+class ClientError(PagodaError):
+    """A model endpoint the client talks to is unreachable or answered with an error."""
+
+    http_status = 502
+    error_type = "server_error"
+    code = "upstream_error"

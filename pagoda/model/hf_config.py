@@ -1,4 +1,5 @@
-"""Translate between Hugging Face `config.json` and `ModelConfig` (llama, mistral, qwen2, gpt2)."""
+"""Translate between Hugging Face `config.json` and `ModelConfig` (llama, mistral, qwen2, gpt2,
+bert, xlm-roberta)."""
 
 from typing import Any
 
@@ -10,7 +11,12 @@ HF_ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "bert": "BertModel",  # the bare encoder: what sentence embedders (all-MiniLM) ship
+    "xlm-roberta": "XLMRobertaModel",  # BERT with SentencePiece and shifted positions (e5)
 }
+# RoBERTa numbers positions from pad_token_id + 1, so its table has that many unused leading
+# rows; Pagoda's table starts at the first real position (the loader drops those rows).
+XLMR_PAD_ID = 1
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                 "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
@@ -36,7 +42,11 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
                 "sliding_window": 4096},
     "qwen2": {"max_position_embeddings": 32768, "tie_word_embeddings": False,
               "sliding_window": 4096, "max_window_layers": 28},
+    "bert": {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",
+             "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12},
 }
+_HF_DEFAULTS["xlm-roberta"] = {**_HF_DEFAULTS["bert"], "pad_token_id": XLMR_PAD_ID}
 
 
 def _activation(name: str) -> str:
@@ -61,6 +71,33 @@ def _sliding_window(hf: dict[str, Any], model_type: str) -> int | None:
     return hf["sliding_window"] if kinds[0] == "sliding_attention" else None
 
 
+def _bert_config(hf: dict[str, Any], name: str, model_type: str) -> ModelConfig:
+    """BERT encoder: learned positions, token types, LayerNorm on the embeddings, post-LayerNorm
+    blocks with biases, exact GELU, bidirectional attention, no lm head (BertModel; XLM-R is
+    the same network with its position table shifted past the padding index)."""
+    hf = {**_HF_DEFAULTS[model_type], **hf}
+    skipped = hf["pad_token_id"] + 1 if model_type == "xlm-roberta" else 0
+    if skipped and hf["pad_token_id"] != XLMR_PAD_ID:
+        raise ConfigError(f"unsupported pad_token_id {hf['pad_token_id']} for xlm-roberta "
+                          f"(supported: {XLMR_PAD_ID})")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ConfigError(f"unsupported position_embedding_type "
+                          f"{hf['position_embedding_type']!r} (supported: absolute)")
+    if hf.get("is_decoder", False):
+        raise ConfigError("config.json describes a BERT decoder (is_decoder); "
+                          "only the bidirectional encoder is supported")
+    return ModelConfig(
+        name=name, arch=model_type, vocab_size=hf["vocab_size"],
+        max_seq_len=hf["max_position_embeddings"] - skipped, d_model=hf["hidden_size"],
+        n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+        d_ff=hf["intermediate_size"], pos_encoding="learned",
+        type_vocab_size=hf["type_vocab_size"], embed_norm=True, norm="layernorm",
+        norm_eps=hf["layer_norm_eps"], norm_position="post", final_norm=False,
+        activation=_activation(hf["hidden_act"]), gated_ffn=False, attn_qkv_bias=True,
+        attn_out_bias=True, ffn_bias=True, tie_embeddings=False, lm_head=False, causal=False,
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
+
+
 def config_from_hf(hf: dict[str, Any], name: str = "hf-model") -> ModelConfig:
     """ModelConfig for a Hugging Face config.json dict; unsupported model types are refused."""
     model_type = hf.get("model_type")
@@ -76,6 +113,8 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf-model") -> ModelConfig:
                 gated_ffn=False, attn_qkv_bias=True, attn_out_bias=True, ffn_bias=True,
                 tie_embeddings=hf.get("tie_word_embeddings", True),
                 bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
+        if model_type in ("bert", "xlm-roberta"):
+            return _bert_config(hf, name, model_type)
         if model_type in ("llama", "mistral", "qwen2"):
             hf = {**_HF_DEFAULTS[model_type], **hf}
             theta, scaling = _rope(hf)
@@ -104,14 +143,20 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf-model") -> ModelConfig:
 
 def hf_compatible(cfg: ModelConfig) -> bool:
     """Whether `transformers` has a class that computes exactly this config."""
-    common = cfg.norm_position == "pre" and cfg.final_norm and cfg.causal and \
-        not cfg.n_experts and not cfg.scale_embeddings and \
+    shared = not cfg.n_experts and not cfg.scale_embeddings and \
         "freq_factors" not in (cfg.rope_scaling or {})
+    mha = cfg.kv_heads == cfg.n_head and cfg.dim_head * cfg.n_head == cfg.d_model
+    biased = cfg.attn_qkv_bias and cfg.attn_out_bias and cfg.ffn_bias
+    if cfg.arch in ("bert", "xlm-roberta"):
+        return shared and mha and biased and cfg.norm_position == "post" and \
+            not cfg.final_norm and not cfg.causal and not cfg.lm_head and cfg.embed_norm and \
+            cfg.type_vocab_size > 0 and cfg.pos_encoding == "learned" and \
+            cfg.norm == "layernorm" and not cfg.gated_ffn and cfg.sliding_window is None
+    common = shared and cfg.norm_position == "pre" and cfg.final_norm and cfg.causal and \
+        cfg.lm_head and not cfg.embed_norm and not cfg.type_vocab_size
     if cfg.arch == "gpt2":
         return common and cfg.pos_encoding == "learned" and cfg.norm == "layernorm" and \
-            not cfg.gated_ffn and cfg.attn_qkv_bias and cfg.attn_out_bias and cfg.ffn_bias and \
-            cfg.kv_heads == cfg.n_head and cfg.dim_head * cfg.n_head == cfg.d_model and \
-            cfg.sliding_window is None
+            not cfg.gated_ffn and biased and mha and cfg.sliding_window is None
     # Which biases each class has: Llama's attention_bias covers q/k/v and o; Mistral has none;
     # Qwen2 always has q/k/v biases only. Llama has no sliding window.
     biases = {
@@ -129,11 +174,19 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """config.json contents that `transformers.AutoConfig` reads back into the same model."""
     if not hf_compatible(cfg):
         raise ConfigError(f"config '{cfg.name}' has no Hugging Face equivalent "
-                          "(post-norm, MoE, sinusoidal, or switches its family lacks)")
+                          "(MoE, sinusoidal, norms or switches its family lacks)")
     act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[cfg.activation]
     ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
            "tie_word_embeddings": cfg.tie_embeddings, "architectures": [HF_ARCHITECTURES[cfg.arch]],
            "model_type": cfg.arch, "torch_dtype": "float32"}
+    if cfg.arch in ("bert", "xlm-roberta"):
+        skipped = XLMR_PAD_ID + 1 if cfg.arch == "xlm-roberta" else 0
+        pad = {"pad_token_id": XLMR_PAD_ID} if skipped else {}
+        return {**ids, **pad, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+                "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+                "intermediate_size": cfg.d_ff, "hidden_act": act,
+                "max_position_embeddings": cfg.max_seq_len + skipped,
+                "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.norm_eps}
     if cfg.arch == "gpt2":
         return {**ids, "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seq_len,
                 "n_ctx": cfg.max_seq_len, "n_embd": cfg.d_model, "n_layer": cfg.n_layer,

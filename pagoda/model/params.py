@@ -26,14 +26,15 @@ TRAIN_BYTES_PER_PARAM = 16
 
 # Module name -> component label; biases get " bias" appended, MoE experts "experts ..." names.
 _LABELS = {
-    "embed": "token embedding", "pos_embed": "position embedding", "lm_head": "lm head",
+    "embed": "token embedding", "pos_embed": "position embedding",
+    "type_embed": "token-type embedding", "lm_head": "lm head",
     "q_proj": "attention Wq", "k_proj": "attention Wk", "v_proj": "attention Wv",
     "o_proj": "attention Wo", "router": "MoE router",
     "gate_proj": "FFN gate", "up_proj": "FFN up", "down_proj": "FFN down",
 }
 # Display order of component groups (by label prefix); unknown parameters go last.
-_ORDER = ("token embedding", "position embedding", "attention", "MoE router", "FFN", "experts",
-          "norms", "lm head")
+_ORDER = ("token embedding", "position embedding", "token-type embedding", "attention",
+          "MoE router", "FFN", "experts", "norms", "lm head")
 
 
 @dataclass
@@ -139,13 +140,14 @@ def count_parameters(cfg: ModelConfig) -> ParamReport:
         counts[label] = counts.get(label, 0) + p.numel()
         if "experts" in name.split("."):
             expert += p.numel()
-    counts.setdefault("lm head", 0)
+    if model.lm_head is not None:  # tied: shown as 0, the matrix is the token embedding's
+        counts.setdefault("lm head", 0)
     total = sum(counts.values())
     active = total - expert + (expert * cfg.n_experts_per_token // cfg.n_experts if expert else 0)
     return ParamReport(
         name=cfg.name, total=total,
         components=dict(sorted(counts.items(), key=lambda item: _rank(item[0]))),
-        tied=model.lm_head.weight is model.embed.weight,
+        tied=model.lm_head is not None and model.lm_head.weight is model.embed.weight,
         classic=12 * cfg.n_layer * cfg.d_model ** 2, expert=expert, active=active,
         kv_per_token=2 * cfg.n_layer * cfg.kv_heads * cfg.dim_head, context=cfg.max_seq_len)
 

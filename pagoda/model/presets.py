@@ -19,6 +19,19 @@ def _llama(name: str, **kw) -> ModelConfig:
                        norm="rmsnorm", activation="silu", gated_ffn=True, **kw)
 
 
+def _bert(name: str, d_model: int, n_layer: int, n_head: int, d_ff: int, **kw) -> ModelConfig:
+    """BERT encoder: learned positions, token types, LayerNorm on the embeddings and after each
+    residual (post-norm), exact GELU, biases, bidirectional attention, hidden states out."""
+    base = dict(arch="bert", vocab_size=30522, max_seq_len=512, pos_encoding="learned",
+                type_vocab_size=2, embed_norm=True, norm="layernorm", norm_eps=1e-12,
+                norm_position="post", final_norm=False, activation="gelu", gated_ffn=False,
+                attn_qkv_bias=True, attn_out_bias=True, ffn_bias=True, tie_embeddings=False,
+                lm_head=False, causal=False)
+    base.update(kw)
+    return ModelConfig(name=name, d_model=d_model, n_layer=n_layer, n_head=n_head, d_ff=d_ff,
+                       **base)
+
+
 _SMOLLM2 = dict(vocab_size=49152, max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True,
                 bos_token_id=1, eos_token_id=2)
 
@@ -53,6 +66,11 @@ PRESETS: dict[str, ModelConfig] = {
         _gpt2("gpt2-large", 1280, 36, 20),
         _gpt2("gpt2-xl", 1600, 48, 25),
         _gpt2("gpt3-175b", 12288, 96, 96, max_seq_len=2048),
+        # --- BERT encoders (sentence embedders) ----------------------------------------------
+        _bert("bert-base", 768, 12, 12, 3072),
+        _bert("minilm-l6", 384, 6, 12, 1536),  # all-MiniLM-L6-v2
+        # multilingual-e5-small: a BERT (multilingual MiniLM) reading XLM-R's SentencePiece
+        _bert("e5-small-multilingual", 384, 12, 12, 1536, vocab_size=250037),
         # --- "Attention Is All You Need" (base), as a decoder-only language model -----------
         ModelConfig(name="transformer-base", arch="gpt2", vocab_size=37000, max_seq_len=512,
                     d_model=512, n_layer=6, n_head=8, d_ff=2048, pos_encoding="sinusoidal",

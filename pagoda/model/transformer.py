@@ -1,7 +1,8 @@
 """The Transformer: token embedding -> N blocks of (attention, FFN) with residuals -> logits.
 
-One class for every decoder in `presets.py` (and encoders, with `causal=False`). Read it top to
-bottom: `Block` is one storey of attention + feed-forward, `Transformer` stacks them.
+One class for every model in `presets.py`: the decoders, and the BERT encoder (`causal=False`,
+token types, an embedding norm, post-norm blocks, no lm head: it returns hidden states). Read
+it top to bottom: `Block` is one storey of attention + feed-forward, `Transformer` stacks them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagoda.errors import ConfigError
 from pagoda.model.attention import Attention
 from pagoda.model.config import ModelConfig
 from pagoda.model.ffn import MixtureOfExperts, build_ffn
@@ -50,10 +52,13 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = (nn.Embedding(cfg.max_seq_len, cfg.d_model)
                           if cfg.pos_encoding == "learned" else None)
+        self.type_embed = (nn.Embedding(cfg.type_vocab_size, cfg.d_model)
+                           if cfg.type_vocab_size else None)
+        self.embed_norm = build_norm(cfg) if cfg.embed_norm else None
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.final_norm = build_norm(cfg) if cfg.final_norm else None
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if cfg.lm_head else None
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self._build_position_tables()
@@ -87,14 +92,21 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: AttentionCache | None = None,
                 last_only: bool = False, positions: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+                keep: torch.Tensor | None = None, token_types: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T); (B, 1, vocab) when last_only, and
         (B, len(keep), vocab) for only the token indices `keep` (the head is a big matmul).
+        A model without an lm head (an encoder) returns its hidden states (B, T, d) instead.
 
         With a cache, idx holds only the new tokens and attends to everything cached before;
         `positions` (B, T) overrides the absolute positions (e.g. for packed sequences).
+        Encoders take `token_types` (B, T) segment ids (default 0, sentence A) and, for a
+        right-padded batch without a cache, `attention_mask` (B, T) bool, True for real tokens:
+        no token attends to padding, so each row equals that sequence run alone.
         """
         B, T = idx.shape
+        if cache is not None and attention_mask is not None:
+            raise ValueError("attention_mask is for uncached passes; a cache masks its own slots")
         if positions is None:
             positions = (cache.positions(T) if cache is not None
                          else torch.arange(T, device=idx.device).expand(B, T))
@@ -105,12 +117,18 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(positions)
         elif self.cfg.pos_encoding == "sinusoidal":
             x = x + self.sinusoids[positions]
+        if self.type_embed is not None:
+            x = x + (self.type_embed(token_types) if token_types is not None
+                     else self.type_embed.weight[0])  # (d,): every token is sentence A
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         x = self.embed_dropout(x)
         rope = None
         if self.cfg.pos_encoding == "rope":
             rope = (self.rope_cos[positions].unsqueeze(1).to(x.dtype),  # (B, 1, T, hd)
                     self.rope_sin[positions].unsqueeze(1).to(x.dtype))
-        mask = cache.attention_mask(T) if cache is not None else self._window_mask(T, idx.device)
+        mask = (cache.attention_mask(T) if cache is not None
+                else self._self_attention_mask(T, idx.device, attention_mask))
         for block in self.layers:
             x = block(x, rope, cache, mask)
         if cache is not None:
@@ -121,19 +139,30 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return self.lm_head(x)  # (B, T, vocab)
+        return x if self.lm_head is None else self.lm_head(x)  # (B, T, vocab) or (B, T, d)
 
-    def _window_mask(self, T: int, device: torch.device) -> torch.Tensor | None:
-        """Causal sliding-window mask (1, 1, T, T) when the window is shorter than T, else None."""
-        window = self.cfg.sliding_window
-        if window is None or T <= window or not self.cfg.causal:
-            return None  # plain causal (or bidirectional) attention: SDPA handles it
+    def _self_attention_mask(self, T: int, device: torch.device,
+                             attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Bool mask (B or 1, 1, T, T), True where a query may see a key; None when SDPA's own
+        causal or full attention is exact (no padding, no sliding window shorter than T)."""
+        window = self.cfg.sliding_window if self.cfg.causal else None
+        if attention_mask is None and (window is None or T <= window):
+            return None
         slot = torch.arange(T, device=device)
         distance = slot.unsqueeze(1) - slot.unsqueeze(0)  # (T, T) query slot - key slot
-        return ((distance >= 0) & (distance < window))[None, None]
+        mask = distance >= 0 if self.cfg.causal else torch.ones_like(distance, dtype=torch.bool)
+        if window is not None:
+            mask = mask & (distance < window)
+        mask = mask[None, None]  # (1, 1, T, T)
+        if attention_mask is not None:  # hide padding keys: (B, 1, 1, T) broadcast over queries
+            mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+        return mask
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy plus the MoE load-balancing loss when experts exist."""
+        if self.lm_head is None:
+            raise ConfigError(f"config '{self.cfg.name}' has no lm head: it encodes, it does "
+                              "not predict tokens")
         logits = self(idx)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                              ignore_index=ignore_index)

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.routing import Match, Mount
 
@@ -24,6 +24,7 @@ from pagoda.hub.loader import LoadedModel
 from pagoda.infer.constrained import ConstraintFactory
 from pagoda.infer.scoring import PromptScorer
 from pagoda.serve.auth import Guard
+from pagoda.serve.embeddings import EmbedderSlot, build_embeddings_router
 from pagoda.serve.errors import install_error_handlers, with_param
 from pagoda.serve.generation import TokenStrings
 from pagoda.serve.logs import AccessLogMiddleware
@@ -56,6 +57,7 @@ class ServeState:
         self.guard = Guard(settings)
         self.token_strings = TokenStrings(loaded.tokenizer)
         self.scorer = PromptScorer(loaded.model)
+        self.embedder = EmbedderSlot(settings.embedding_model, settings.embedding_aliases)
         self.constraints = ConstraintFactory.for_tokenizer(loaded.tokenizer,
                                                            loaded.model.cfg.vocab_size)
         self.context = loaded.model.cfg.max_seq_len
@@ -135,12 +137,14 @@ def create_app(loaded: LoadedModel, settings: ServeSettings | None = None, *,
             if owned:
                 state.engine.shutdown()
             state.scorer.shutdown()
+            await state.embedder.close()
 
     app = FastAPI(title="Pagoda", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API over the Pagoda engine.")
     app.state.pagoda = state
     install_error_handlers(app)
     app.include_router(build_router(state))
+    app.include_router(build_embeddings_router(state.embedder, [Depends(state.guard)]))
     if STATIC_DIR.is_dir():
         app.router.routes.append(
             _UIMount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="ui"))

@@ -197,6 +197,33 @@ class Completion(_Response):
     system_fingerprint: str | None = None
 
 
+class EmbeddingRequest(_Request):
+    """`POST /v1/embeddings`: one text or a list of texts (token-id inputs are not served)."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+
+
+class Embedding(_Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64 of little-endian float32 with encoding_format=base64
+
+
+class EmbeddingUsage(_Response):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(_Response):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class ModelCard(_Response):
     id: str
     object: Literal["model"] = "model"

@@ -30,6 +30,8 @@ from pagoda.errors import ConfigError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # Names OpenAI/DeepSeek clients send by default; they all resolve to the one served model.
 DEFAULT_ALIASES = ("deepseek-chat", "gpt-3.5-turbo", "gpt-4o-mini")
+DEFAULT_EMBEDDING_MODEL = "minilm-l6"
+EMBEDDING_ALIASES = ("text-embedding-3-small", "text-embedding-ada-002")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -55,6 +57,10 @@ class ServeSettings:
     default_max_tokens: int | None = None
     # Put prompt text in the access log (off: prompts can hold personal data).
     log_prompts: bool = False
+    # Embedding model of /v1/embeddings and the knowledge bases, pulled and loaded on first use.
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL
+    # Other names embedding clients may send for it (OpenAI SDK defaults).
+    embedding_aliases: list[str] = field(default_factory=lambda: list(EMBEDDING_ALIASES))
     # Fields of pagoda.infer.engine.EngineConfig to override (max_running, max_waiting, ...).
     engine: dict[str, Any] = field(default_factory=dict)
     # Device and dtype to load the model on (None: best available).

@@ -94,6 +94,10 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:
             raise WeightsError(f"cannot read tokenizer {file}: {_one_line(e)}") from e
+        # Some tokenizer.json files keep the padding/truncation of their last training run
+        # (all-MiniLM's pads everything to 128); transformers ignores them, and so do we.
+        backend.no_padding()
+        backend.no_truncation()
         config = _read_json(folder / "tokenizer_config.json")
         tokens = {
             name: _token_content(config.get(name))
@@ -161,11 +165,29 @@ class Tokenizer:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(
-        self, texts: Sequence[str], add_special_tokens: bool = False
+        self,
+        texts: Sequence[str],
+        add_special_tokens: bool = False,
+        max_length: int | None = None,
     ) -> list[list[int]]:
-        """Token ids of many texts at once (tokenizers runs them in parallel)."""
-        encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
-        return [e.ids for e in encodings]
+        """Token ids of many texts at once (tokenizers runs them in parallel).
+
+        `max_length` cuts each text's tokens so that, with the special tokens, at most that many
+        remain: the end of the text goes, [CLS]/[SEP] stay (transformers' truncation).
+        """
+        texts = list(texts)
+        if max_length is None:
+            encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+            return [e.ids for e in encodings]
+        room = max_length - (self.backend.num_special_tokens_to_add(is_pair=False)
+                             if add_special_tokens else 0)
+        if room < 1:
+            raise ValueError(f"max_length {max_length} leaves no room for text tokens")
+        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        for e in encodings:
+            e.truncate(room)  # no-op when shorter
+        return [self.backend.post_process(e, add_special_tokens=add_special_tokens).ids
+                for e in encodings]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; `skip_special_tokens` drops control tokens such as <|im_end|>."""

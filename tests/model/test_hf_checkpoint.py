@@ -200,6 +200,72 @@ def test_loads_in_bf16(tmp_path):
     assert not model.training
 
 
+# --- BERT encoders: hidden states, not logits ----------------------------------------------
+
+BERT = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=96, max_position_embeddings=64, type_vocab_size=2)
+
+
+def padded_batch(lengths: list[int], seed: int = 2, types: int = 2) -> tuple[torch.Tensor, ...]:
+    """Right-padded ids, random token types (< `types`), and the bool mask of real tokens.
+    Padding is id 1 and real ids are >= 2: XLM-R numbers positions by counting ids != 1."""
+    T = max(lengths)
+    real = torch.arange(T)[None] < torch.tensor(lengths)[:, None]  # (B, T)
+    ids = (random_ids(len(lengths), T, seed=seed) % (VOCAB - 2) + 2).masked_fill(~real, 1)
+    types = (random_ids(len(lengths), T, seed=seed + 1) % types).masked_fill(~real, 0)
+    return ids, types, real
+
+
+def assert_same_hidden(hf: torch.nn.Module, ours: Transformer) -> None:
+    """Same hidden states at every real token of a padded batch (fp32, 1e-4)."""
+    ids, types, real = padded_batch([20, 13, 5, 1], types=ours.cfg.type_vocab_size)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, token_type_ids=types, attention_mask=real.long())
+        got = ours(ids, token_types=types, attention_mask=real)
+    assert got.shape == expected.last_hidden_state.shape
+    assert (got - expected.last_hidden_state)[real].abs().max().item() <= 1e-4
+
+
+ENCODERS = {  # class name -> (config, the bare encoder inside the class)
+    "BertModel": (lambda: transformers.BertConfig(**BERT), lambda m: m),
+    "BertForMaskedLM": (lambda: transformers.BertConfig(**BERT), lambda m: m.bert),
+    "XLMRobertaModel": (lambda: transformers.XLMRobertaConfig(**BERT), lambda m: m),
+    "XLMRobertaForMaskedLM": (lambda: transformers.XLMRobertaConfig(**BERT), lambda m: m.roberta),
+}
+
+
+@pytest.mark.parametrize("head", list(ENCODERS))
+def test_encoder_hidden_states_match_transformers(head, tmp_path):
+    """BERT and XLM-R, bare (with a pooler) or under a task head (a "bert."/"roberta." prefix),
+    load as encoders; XLM-R's positions start after its padding index."""
+    config, encoder = ENCODERS[head]
+    torch.manual_seed(0)
+    hf = getattr(transformers, head)(config()).eval()
+    perturb(hf, scale=0.3)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf_checkpoint(tmp_path)
+    cfg = ours.cfg
+    assert (cfg.causal, cfg.lm_head, cfg.norm_position, cfg.type_vocab_size) == \
+        (False, False, "post", 2)
+    assert cfg.max_seq_len == (62 if head.startswith("XLM") else 64)
+    assert_same_hidden(encoder(hf), ours)
+
+
+@pytest.mark.parametrize("arch, hf_class", [("bert", "BertModel"),
+                                            ("xlm-roberta", "XLMRobertaModel")])
+def test_transformers_loads_the_encoder_pagoda_saves(arch, hf_class, tmp_path):
+    ours = random_pagoda(ModelConfig.from_name("minilm-l6", **TINY, arch=arch))
+    save_hf_checkpoint(ours, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [hf_class]
+    hf = getattr(transformers, hf_class).from_pretrained(tmp_path, add_pooling_layer=False).eval()
+    assert_same_hidden(hf, ours)
+    back = load_hf_checkpoint(tmp_path)
+    ids, types, real = padded_batch([7, 3], types=ours.cfg.type_vocab_size)
+    with torch.no_grad():
+        assert torch.equal(back(ids, token_types=types, attention_mask=real),
+                           ours(ids, token_types=types, attention_mask=real))
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 @pytest.fixture

@@ -8,7 +8,8 @@ from pagoda.model.config import ModelConfig
 from pagoda.model.hf_config import config_from_hf, config_to_hf, hf_compatible
 from pagoda.model.presets import PRESETS
 
-HF_PRESETS = ["smollm2-135m", "llama3.2-1b", "llama3-8b", "mistral-7b", "qwen2-0.5b", "gpt2"]
+HF_PRESETS = ["smollm2-135m", "llama3.2-1b", "llama3-8b", "mistral-7b", "qwen2-0.5b", "gpt2",
+              "bert-base", "minilm-l6", "e5-small-multilingual"]
 
 
 def through_transformers(hf: dict) -> dict:
@@ -65,6 +66,10 @@ MINIMAL = {
     "qwen2": dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=96),
     "gpt2": dict(vocab_size=100, n_embd=64, n_layer=2, n_head=4),
+    "bert": dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=96),
+    "xlm-roberta": dict(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=96),
 }
 
 
@@ -114,11 +119,38 @@ def test_eos_list_takes_the_first_id():
 
 def test_unsupported_model_type_names_the_supported_ones():
     with pytest.raises(ConfigError) as err:
-        config_from_hf({"model_type": "bert", "hidden_size": 8})
-    assert "unsupported model_type 'bert'" in str(err.value)
-    assert "llama, mistral, qwen2, gpt2" in str(err.value)
+        config_from_hf({"model_type": "t5", "hidden_size": 8})
+    assert "unsupported model_type 't5'" in str(err.value)
+    assert "llama, mistral, qwen2, gpt2, bert, xlm-roberta" in str(err.value)
     with pytest.raises(ConfigError, match="unsupported model_type None"):
         config_from_hf({})
+
+
+def test_bert_is_the_post_norm_bidirectional_encoder():
+    cfg = config_from_hf({"model_type": "bert", **MINIMAL["bert"], "layer_norm_eps": 1e-7})
+    assert (cfg.arch, cfg.pos_encoding, cfg.norm, cfg.norm_position, cfg.activation) == \
+        ("bert", "learned", "layernorm", "post", "gelu")
+    assert not cfg.causal and not cfg.lm_head and not cfg.final_norm and cfg.embed_norm
+    assert cfg.type_vocab_size == 2 and cfg.norm_eps == 1e-7 and cfg.max_seq_len == 512
+    assert cfg.attn_qkv_bias and cfg.attn_out_bias and cfg.ffn_bias and not cfg.gated_ffn
+
+
+def test_xlm_roberta_positions_start_after_the_padding_index():
+    cfg = config_from_hf({"model_type": "xlm-roberta", **MINIMAL["xlm-roberta"],
+                          "max_position_embeddings": 514})
+    assert cfg.arch == "xlm-roberta" and cfg.max_seq_len == 512
+    hf = config_to_hf(cfg)
+    assert (hf["max_position_embeddings"], hf["pad_token_id"]) == (514, 1)
+
+
+@pytest.mark.parametrize("model_type, change, message", [
+    ("bert", {"position_embedding_type": "relative_key"}, "position_embedding_type 'relative_k"),
+    ("bert", {"is_decoder": True}, "BERT decoder"),
+    ("xlm-roberta", {"pad_token_id": 0}, "pad_token_id 0"),
+])
+def test_encoder_variants_pagoda_cannot_compute_are_refused(model_type, change, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_hf({"model_type": model_type, **MINIMAL[model_type], **change})
 
 
 def test_missing_required_field_is_named():
@@ -153,6 +185,11 @@ def test_impossible_shapes_in_config_json_are_config_errors():
     ("gpt2", {"head_dim": 32}),
     ("gpt2", {"scale_embeddings": True}),
     ("gpt2", {"pos_encoding": "rope"}),
+    ("gpt2", {"type_vocab_size": 2}),
+    ("minilm-l6", {"embed_norm": False}),
+    ("minilm-l6", {"norm_position": "pre"}),
+    ("minilm-l6", {"causal": True}),
+    ("minilm-l6", {"type_vocab_size": 0}),
 ])
 def test_configs_transformers_cannot_compute_are_not_exported(name, changes):
     cfg = ModelConfig.from_name(name, **changes)

@@ -62,6 +62,15 @@ def test_attention_and_ffn_components_are_summed_over_layers():
     assert "position embedding" not in s and "attention Wq bias" not in s
 
 
+def test_encoder_has_token_types_and_no_lm_head():
+    r = report("minilm-l6")
+    assert r.components["token-type embedding"] == 2 * 384
+    assert r.components["norms"] == (2 * 6 + 1) * 2 * 384  # two per block + the embedding norm
+    assert "lm head" not in r.components and not r.tied
+    assert list(r.components)[:3] == ["token embedding", "position embedding",
+                                      "token-type embedding"]
+
+
 def test_tied_and_untied_differ_by_vocab_times_d():
     tied, untied = report("smollm2-135m"), report("smollm2-135m", tie_embeddings=False)
     assert tied.tied and not untied.tied

@@ -21,6 +21,10 @@ PUBLISHED = {
     "gpt2-medium": 354_823_168,
     "gpt2-large": 774_030_080,
     "gpt2-xl": 1_557_611_200,
+    # Encoders: the published totals include BERT's pooler (d·d + d), which sentence embeddings
+    # do not use and Pagoda does not build.
+    "bert-base": 109_482_240 - (768 * 768 + 768),
+    "minilm-l6": 22_713_216 - (384 * 384 + 384),
 }
 
 
@@ -32,7 +36,7 @@ def n_params(cfg: ModelConfig) -> int:
 def test_every_preset_is_valid_and_builds_on_meta(name):
     cfg = PRESETS[name]
     assert cfg.name == name
-    assert cfg.arch in ("llama", "mistral", "qwen2", "gpt2")
+    assert cfg.arch in ("llama", "mistral", "qwen2", "gpt2", "bert", "xlm-roberta")
     cfg.validate()
     assert ModelConfig.from_name(name) == cfg
     model = Transformer.on_meta(cfg)
@@ -49,13 +53,16 @@ def test_published_parameter_totals(name, total):
                                   if hf_compatible(c) and n != "gpt3-175b"])
 def test_transformers_builds_the_same_shapes(name):
     """The Hugging Face class built from our config.json has exactly our parameter count."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    hf_dict = config_to_hf(PRESETS[name])
+    cfg = PRESETS[name]
+    hf_dict = config_to_hf(cfg)
     hf_cfg = AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
     with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(hf_cfg)
-    assert sum(p.numel() for p in hf.parameters()) == n_params(PRESETS[name])
+        hf = (AutoModelForCausalLM.from_config(hf_cfg) if cfg.lm_head
+              else AutoModel.from_config(hf_cfg, add_pooling_layer=False))
+    skipped = 2 * cfg.d_model if cfg.arch == "xlm-roberta" else 0  # position rows before 0
+    assert sum(p.numel() for p in hf.parameters()) - skipped == n_params(cfg)
 
 
 def test_family_switches():
@@ -79,6 +86,14 @@ def test_attention_is_all_you_need_base():
     assert cfg.norm_position == "post" and not cfg.final_norm
     assert cfg.activation == "relu" and not cfg.gated_ffn
     assert not hf_compatible(cfg)
+
+
+def test_minilm_is_a_small_bert_encoder():
+    cfg = PRESETS["minilm-l6"]
+    assert (cfg.d_model, cfg.n_layer, cfg.n_head, cfg.d_ff, cfg.vocab_size) == \
+        (384, 6, 12, 1536, 30522)
+    assert not cfg.causal and not cfg.lm_head and cfg.embed_norm and cfg.type_vocab_size == 2
+    assert cfg.norm_position == "post" and cfg.activation == "gelu" and cfg.norm_eps == 1e-12
 
 
 def test_gpt3_shapes():

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from pagoda.errors import ConfigError
 from pagoda.model.config import ModelConfig
 from pagoda.model.ffn import MixtureOfExperts
 from pagoda.model.transformer import Transformer
@@ -175,3 +176,78 @@ def test_bf16_forward():
     logits = model(torch.randint(0, 64, (2, 5)))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
     assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+
+
+# --- the encoder configuration (BERT) -----------------------------------------------------------
+def right_padded(seqs: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, T) right-padded with `pad`, and the (B, T) bool mask of real tokens."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad)
+    real = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for row, seq in enumerate(seqs):
+        ids[row, :len(seq)], real[row, :len(seq)] = seq, True
+    return ids, real
+
+
+def test_encoder_returns_hidden_states_and_has_no_head():
+    cfg = tiny("minilm-l6")
+    model = Transformer(cfg).eval()
+    assert model.lm_head is None and model.final_norm is None
+    assert model.type_embed.weight.shape == (2, 32) and model.embed_norm is not None
+    hidden = model(torch.randint(0, 64, (3, 7)))
+    assert hidden.shape == (3, 7, 32) and torch.isfinite(hidden).all()
+    with pytest.raises(ConfigError, match="no lm head"):
+        model.loss(torch.randint(0, 64, (1, 4)), torch.randint(0, 64, (1, 4)))
+    with pytest.raises(ConfigError, match="tie_embeddings needs an lm_head"):
+        cfg.replace(tie_embeddings=True)
+
+
+@pytest.mark.parametrize("name", ["minilm-l6", "tiny-llama"])
+def test_padding_mask_makes_each_row_equal_its_sequence_alone(name):
+    """Real tokens never attend to padding, bidirectional or causal."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(name, init_std=0.3)).eval()
+    seqs = [torch.randint(1, 64, (n,)) for n in (9, 4, 1, 6)]
+    ids, real = right_padded(seqs)
+    batched = model(ids, attention_mask=real)
+    for row, seq in enumerate(seqs):
+        alone = model(seq[None])[0]
+        torch.testing.assert_close(batched[row, :len(seq)], alone, rtol=1e-5, atol=1e-5)
+    if not model.cfg.causal:  # without the mask, padding would leak into the shorter rows
+        assert (model(ids)[1, :4] - batched[1, :4]).abs().max() > 1e-3
+
+
+def test_all_real_mask_changes_nothing():
+    model = Transformer(tiny("minilm-l6")).eval()
+    ids = torch.randint(0, 64, (2, 5))
+    torch.testing.assert_close(model(ids, attention_mask=torch.ones(2, 5, dtype=torch.bool)),
+                               model(ids))
+
+
+def test_token_types_default_to_sentence_a():
+    torch.manual_seed(0)
+    model = Transformer(tiny("minilm-l6", init_std=0.3)).eval()
+    ids = torch.randint(0, 64, (2, 5))
+    torch.testing.assert_close(model(ids, token_types=torch.zeros_like(ids)), model(ids))
+    assert (model(ids, token_types=torch.ones_like(ids)) - model(ids)).abs().max() > 1e-3
+
+
+def test_embedding_norm_normalises_the_summed_embeddings():
+    model = Transformer(tiny("minilm-l6")).eval()
+    seen = {}
+    model.layers[0].register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    model(torch.randint(0, 64, (1, 6)))
+    x = seen["x"]  # LayerNorm at init (weight 1, bias 0): zero mean, unit variance per token
+    torch.testing.assert_close(x.mean(-1), torch.zeros(1, 6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.var(-1, unbiased=False), torch.ones(1, 6), atol=1e-4, rtol=0)
+
+
+def test_attention_mask_is_refused_with_a_cache():
+    from pagoda.model.kv_cache import KVCache
+
+    cfg = tiny()
+    model = Transformer(cfg).eval()
+    cache = KVCache(cfg, batch_size=1, max_len=8)
+    with pytest.raises(ValueError, match="uncached"):
+        model(torch.randint(0, 64, (1, 3)), cache=cache,
+              attention_mask=torch.ones(1, 3, dtype=torch.bool))

@@ -119,6 +119,23 @@ def test_saved_folder_loads_in_transformers_and_pagoda(
     assert Tokenizer.from_file(tmp_path / "tokenizer.json").encode("hi 123") == tok.encode("hi 123")
 
 
+@pytest.mark.real_model
+def test_wordpiece_folder_encodes_and_truncates_like_transformers(minilm, auto_tokenizer):
+    """all-MiniLM's BERT WordPiece: lower-casing, [CLS] ... [SEP], truncation keeping both."""
+    tok, reference = minilm.tokenizer, auto_tokenizer(minilm.path)
+    long = " ".join(TEXTS)
+    for text in [*TEXTS, long]:
+        assert tok.encode(text) == reference.encode(text, add_special_tokens=False), text
+        assert tok.encode(text, add_special_tokens=True) == reference.encode(text), text
+    for max_length in (3, 8, 256):
+        expected = reference(TEXTS + [long], truncation=True, max_length=max_length)["input_ids"]
+        got = tok.encode_batch(TEXTS + [long], add_special_tokens=True, max_length=max_length)
+        assert got == expected, max_length
+    assert tok.encode_batch([long], max_length=5) == [tok.encode(long)[:5]]
+    with pytest.raises(ValueError, match="no room"):
+        tok.encode_batch(["hi"], add_special_tokens=True, max_length=2)
+
+
 def test_sentencepiece_gguf_matches_transformers(tmp_path, auto_tokenizer):
     # A Llama-2 style vocab: '▁' for spaces, <0xNN> byte fallback, no merges (derived from scores).
     trainer_input = ["hello world", "the quick brown fox jumps over the lazy dog", "Hello, World!"]

@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation: loaders, splitter, embedder, vector store, hybrid retrieval."""
