@@ -27,6 +27,7 @@ from pagoda.serve.auth import Guard
 from pagoda.serve.embeddings import EmbedderSlot, build_embeddings_router
 from pagoda.serve.errors import install_error_handlers, with_param
 from pagoda.serve.generation import TokenStrings
+from pagoda.serve.kb_routes import KnowledgeBaseService, build_kb_router
 from pagoda.serve.logs import AccessLogMiddleware
 from pagoda.serve.metrics import ServeMetrics
 from pagoda.serve.routes import build_router
@@ -58,6 +59,8 @@ class ServeState:
         self.token_strings = TokenStrings(loaded.tokenizer)
         self.scorer = PromptScorer(loaded.model)
         self.embedder = EmbedderSlot(settings.embedding_model, settings.embedding_aliases)
+        self.knowledge = KnowledgeBaseService(self.embedder, settings.milvus_uri,
+                                              settings.max_upload_mb * 2**20)
         self.constraints = ConstraintFactory.for_tokenizer(loaded.tokenizer,
                                                            loaded.model.cfg.vocab_size)
         self.context = loaded.model.cfg.max_seq_len
@@ -105,7 +108,9 @@ class JsonBodies:
         if scope["type"] == "http" and scope["method"] == "POST" and \
                 scope["path"].startswith("/v1/"):
             headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-type"]
-            scope["headers"] = [*headers, (b"content-type", b"application/json")]
+            sent = dict(scope.get("headers", ())).get(b"content-type", b"")
+            if not sent.startswith(b"multipart/form-data"):  # document uploads stay multipart
+                scope["headers"] = [*headers, (b"content-type", b"application/json")]
         await self.app(scope, receive, send)
 
 
@@ -137,6 +142,7 @@ def create_app(loaded: LoadedModel, settings: ServeSettings | None = None, *,
             if owned:
                 state.engine.shutdown()
             state.scorer.shutdown()
+            await state.knowledge.close()
             await state.embedder.close()
 
     app = FastAPI(title="Pagoda", version=__version__, lifespan=lifespan,
@@ -145,6 +151,7 @@ def create_app(loaded: LoadedModel, settings: ServeSettings | None = None, *,
     install_error_handlers(app)
     app.include_router(build_router(state))
     app.include_router(build_embeddings_router(state.embedder, [Depends(state.guard)]))
+    app.include_router(build_kb_router(state.knowledge, state.guard, [Depends(state.guard)]))
     if STATIC_DIR.is_dir():
         app.router.routes.append(
             _UIMount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="ui"))

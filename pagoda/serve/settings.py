@@ -61,6 +61,11 @@ class ServeSettings:
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
     # Other names embedding clients may send for it (OpenAI SDK defaults).
     embedding_aliases: list[str] = field(default_factory=lambda: list(EMBEDDING_ALIASES))
+    # Vector database of the knowledge bases: None is Milvus Lite under $PAGODA_HOME, or a
+    # Milvus server URI such as http://milvus:19530.
+    milvus_uri: str | None = None
+    # Largest document upload accepted, per file (413 beyond it).
+    max_upload_mb: int = 50
     # Fields of pagoda.infer.engine.EngineConfig to override (max_running, max_waiting, ...).
     engine: dict[str, Any] = field(default_factory=dict)
     # Device and dtype to load the model on (None: best available).

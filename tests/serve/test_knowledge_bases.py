@@ -1,0 +1,87 @@
+"""`/v1/knowledge_bases/...`: create, upload (multipart), show, query, remove, delete; keys own
+their knowledge bases; bad uploads are reported and never half-stored."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.real_model
+
+LEAVE = b"# Parental leave\n\nEmployees get 16 weeks of paid parental leave.\n"
+OFFICE = b"# Office\n\nThe office closes between Christmas and New Year.\n"
+
+
+@pytest.fixture
+def server(start_server, tiny, tmp_path):
+    from pagoda.serve import ServeSettings
+
+    settings = ServeSettings(api_keys=["sk-a", "sk-b"], milvus_uri=str(tmp_path / "kb.db"),
+                             max_upload_mb=1)
+    return start_server(tiny, settings)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_knowledge_base_lifecycle(server):
+    http, a = server.http, auth("sk-a")
+    created = http.post("/v1/knowledge_bases", json={"name": "hr-policies"}, headers=a)
+    assert created.status_code == 200 and created.json()["embedder"] == "minilm-l6"
+    up = http.post("/v1/knowledge_bases/hr-policies/documents", headers=a, files=[
+        ("files", ("leave.md", LEAVE, "text/markdown")),
+        ("files", ("office.md", OFFICE, "text/markdown")),
+        ("files", ("tool.exe", b"MZ\x90\x00binary", "application/octet-stream"))]).json()
+    assert [d["status"] for d in up["data"]] == ["added", "added"]
+    assert up["errors"][0]["source"] == "tool.exe"
+    again = http.post("/v1/knowledge_bases/hr-policies/documents", headers=a,
+                      files=[("files", ("leave.md", LEAVE, "text/markdown"))]).json()
+    assert again["data"][0]["status"] == "unchanged"
+
+    shown = http.get("/v1/knowledge_bases/hr-policies", headers=a).json()
+    assert [d["source"] for d in shown["documents"]] == ["leave.md", "office.md"]
+    assert [k["id"] for k in http.get("/v1/knowledge_bases", headers=a).json()["data"]] == \
+        ["hr-policies"]
+    hits = http.post("/v1/knowledge_bases/hr-policies/query", headers=a,
+                     json={"query": "paid parental leave", "k": 1}).json()["data"]
+    assert hits[0]["source"] == "leave.md" and "16 weeks" in hits[0]["text"]
+
+    removed = http.delete("/v1/knowledge_bases/hr-policies/documents/office.md", headers=a)
+    assert removed.json()["deleted"] is True
+    assert http.get("/v1/knowledge_bases/hr-policies", headers=a).json()["documents"][0][
+        "source"] == "leave.md"
+    assert http.delete("/v1/knowledge_bases/hr-policies", headers=a).json()["deleted"] is True
+    assert http.get("/v1/knowledge_bases/hr-policies", headers=a).status_code == 404
+
+
+def test_other_keys_see_nothing(server):
+    http = server.http
+    http.post("/v1/knowledge_bases", json={"name": "private"}, headers=auth("sk-a"))
+    b = auth("sk-b")
+    assert http.get("/v1/knowledge_bases", headers=b).json()["data"] == []
+    for method, path, kw in [("get", "/v1/knowledge_bases/private", {}),
+                             ("post", "/v1/knowledge_bases/private/query", {"json": {"query": "x"}}),
+                             ("delete", "/v1/knowledge_bases/private", {})]:
+        response = getattr(http, method)(path, headers=b, **kw)
+        assert response.status_code == 404, path
+        assert response.json()["error"]["code"] == "knowledge_base_not_found"
+    assert http.get("/v1/knowledge_bases").status_code == 401
+
+
+def test_bad_input(server):
+    http, a = server.http, auth("sk-a")
+    assert http.post("/v1/knowledge_bases", json={"name": "../x"}, headers=a).status_code == 400
+    http.post("/v1/knowledge_bases", json={"name": "kb1"}, headers=a)
+    dup = http.post("/v1/knowledge_bases", json={"name": "kb1"}, headers=a)
+    assert dup.status_code == 409
+    big = http.post("/v1/knowledge_bases/kb1/documents", headers=a,
+                    files=[("files", ("big.txt", b"word " * 300_000, "text/plain"))])
+    assert big.status_code == 413 and "limit of 1 MB" in big.json()["error"]["message"]
+    empty = http.post("/v1/knowledge_bases/kb1/documents", headers=a,
+                      files=[("files", ("empty.txt", b"", "text/plain"))]).json()
+    assert empty["data"] == [] and "empty" in empty["errors"][0]["error"]
+    assert http.get("/v1/knowledge_bases/kb1", headers=a).json()["documents"] == []
+    query = http.post("/v1/knowledge_bases/kb1/query", headers=a, json={"query": " "})
+    assert query.status_code == 400
+    missing = http.post("/v1/knowledge_bases/nope/query", headers=a, json={"query": "x"})
+    assert missing.status_code == 404
