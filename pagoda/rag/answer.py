@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from pagoda.client import ChatClient
 from pagoda.rag.kb import KnowledgeBase
-from pagoda.rag.store import Hit
 
 NOT_FOUND = "I don't know: the knowledge base does not contain this."
 SYSTEM = ("You answer questions using only the numbered passages from a knowledge base. "
@@ -42,34 +41,47 @@ class Answer:
     found: bool  # False: nothing relevant was retrieved and the model was not asked
 
 
-def grounded_messages(question: str, hits: list[Hit]) -> list[dict[str, str]]:
-    """The chat messages: instructions, then the numbered passages and the question."""
-    passages = "\n\n".join(f"[{n}] ({_where(h)})\n{h.text}" for n, h in enumerate(hits, 1))
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": f"Passages:\n\n{passages}\n\nQuestion: {question}"}]
+def grounded_messages(question: str, passages: list[Citation],
+                      history: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+    """The chat messages: instructions, earlier turns, then the numbered passages and the
+    question."""
+    text = "\n\n".join(f"[{p.n}] ({_where(p)})\n{p.text}" for p in passages)
+    return [{"role": "system", "content": SYSTEM}, *(history or []),
+            {"role": "user", "content": f"Passages:\n\n{text}\n\nQuestion: {question}"}]
+
+
+async def retrieve(kb: KnowledgeBase, question: str, k: int = 4,
+                   min_relevance: float = MIN_RELEVANCE) -> list[Citation]:
+    """The numbered passages to answer from; empty when none is relevant enough."""
+    hits = await kb.query(question, k)
+    relevance = await kb.relevance(question, hits) if hits else []
+    if not hits or max(relevance) < min_relevance:
+        return []
+    return [Citation(n, h.meta.source, h.meta.page, h.meta.headings, h.text, score)
+            for n, (h, score) in enumerate(zip(hits, relevance, strict=True), 1)]
+
+
+def cited(text: str, passages: list[Citation]) -> list[Citation]:
+    """The passages an answer cites as [n] (all of them if it cites none)."""
+    numbers = {int(n) for n in _CITE.findall(text)}
+    return [p for p in passages if p.n in numbers] or passages
 
 
 async def ask(kb: KnowledgeBase, chat: ChatClient, question: str, k: int = 4,
               min_relevance: float = MIN_RELEVANCE, max_tokens: int = 256) -> Answer:
     """Answer `question` from the knowledge base, with citations."""
-    hits = await kb.query(question, k)
-    relevance = await kb.relevance(question, hits) if hits else []
-    if not hits or max(relevance) < min_relevance:
+    passages = await retrieve(kb, question, k, min_relevance)
+    if not passages:
         return Answer(NOT_FOUND, [], found=False)
-    reply = await chat.chat(grounded_messages(question, hits), max_tokens=max_tokens)
-    cited = sorted({int(n) for n in _CITE.findall(reply.text) if 1 <= int(n) <= len(hits)})
-    numbers = cited or list(range(1, len(hits) + 1))
-    citations = [Citation(n, hits[n - 1].meta.source, hits[n - 1].meta.page,
-                          hits[n - 1].meta.headings, hits[n - 1].text, relevance[n - 1])
-                 for n in numbers]
-    return Answer(reply.text.strip(), citations, found=True)
+    reply = await chat.chat(grounded_messages(question, passages), max_tokens=max_tokens)
+    return Answer(reply.text.strip(), cited(reply.text, passages), found=True)
 
 
-def _where(hit: Hit) -> str:
+def _where(passage: Citation) -> str:
     """Where a passage is from, as the prompt shows it: source, page, headings."""
-    parts = [hit.meta.source]
-    if hit.meta.page is not None:
-        parts.append(f"page {hit.meta.page}")
-    if hit.meta.headings:
-        parts.append(" > ".join(hit.meta.headings))
+    parts = [passage.source]
+    if passage.page is not None:
+        parts.append(f"page {passage.page}")
+    if passage.headings:
+        parts.append(" > ".join(passage.headings))
     return ", ".join(parts)

@@ -60,7 +60,7 @@ class ServeState:
         self.scorer = PromptScorer(loaded.model)
         self.embedder = EmbedderSlot(settings.embedding_model, settings.embedding_aliases)
         self.knowledge = KnowledgeBaseService(self.embedder, settings.milvus_uri,
-                                              settings.max_upload_mb * 2**20)
+                                              settings.kb_dir, settings.max_upload_mb * 2**20)
         self.constraints = ConstraintFactory.for_tokenizer(loaded.tokenizer,
                                                            loaded.model.cfg.vocab_size)
         self.context = loaded.model.cfg.max_seq_len

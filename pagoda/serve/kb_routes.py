@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request, UploadFile
@@ -48,9 +49,11 @@ class KnowledgeBaseQuery(BaseModel):
 class KnowledgeBaseService:
     """The server's knowledge bases: one vector database, one open KnowledgeBase per name."""
 
-    def __init__(self, embedder: EmbedderSlot, uri: str | None, max_upload_bytes: int) -> None:
+    def __init__(self, embedder: EmbedderSlot, uri: str | None, root: str | None,
+                 max_upload_bytes: int) -> None:
         self.embedder = embedder
         self.uri = uri
+        self.root = Path(root) if root else None
         self.max_upload_bytes = max_upload_bytes
         self._kbs: KnowledgeBases | None = None
         self._open: dict[str, KnowledgeBase] = {}
@@ -61,7 +64,7 @@ class KnowledgeBaseService:
         async with self._init:
             if self._kbs is None:
                 db = await asyncio.to_thread(MilvusDatabase, self.uri)
-                self._kbs = KnowledgeBases(db)
+                self._kbs = KnowledgeBases(db, self.root)
             return self._kbs
 
     def lock(self, name: str) -> asyncio.Lock:

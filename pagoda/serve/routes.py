@@ -23,8 +23,10 @@ from starlette.background import BackgroundTask
 
 from pagoda.errors import ContextLengthError, InvalidRequestError, PagodaError
 from pagoda.infer.sampling import SamplingParams
+from pagoda.rag.answer import NOT_FOUND
 from pagoda.serve.errors import NotSupportedError, error_body, pagoda_error_body, with_param
 from pagoda.serve.generation import ChoiceEvent, ChoiceStreams
+from pagoda.serve.grounding import citation_dicts, ground
 from pagoda.serve.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -204,6 +206,12 @@ async def _chat(state: Any, body: ChatCompletionRequest, request: Request) -> Re
             raise with_param(exc, "response_format") from None
     tok = state.tokenizer
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    citations = None
+    if body.knowledge_base is not None:
+        grounding = await ground(state, body.knowledge_base, messages, request)
+        if not grounding.citations:  # nothing relevant: say so without asking the model
+            return _canned_chat(state, body, model, request, NOT_FOUND)
+        messages, citations = grounding.messages, citation_dicts(grounding.citations)
     try:
         prompt_text = render_chat(tok, messages, tools=body.tools)
     except PagodaError as exc:
@@ -228,7 +236,7 @@ async def _chat(state: Any, body: ChatCompletionRequest, request: Request) -> Re
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         gen = _chat_stream(state, streams, request, rid, created, model, len(ids), body.n,
-                           want_logprobs, include_usage)
+                           want_logprobs, include_usage, citations)
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS,
                                  background=BackgroundTask(streams.close))
     try:
@@ -246,7 +254,37 @@ async def _chat(state: Any, body: ChatCompletionRequest, request: Request) -> Re
     return JSONResponse({
         "id": rid, "object": "chat.completion", "created": created, "model": model,
         "choices": choices, "usage": _usage(len(ids), streams.completion_tokens),
-        "system_fingerprint": state.fingerprint})
+        "system_fingerprint": state.fingerprint,
+        **({"citations": citations} if citations is not None else {})})
+
+
+def _canned_chat(state: Any, body: ChatCompletionRequest, model: str, request: Request,
+                 text: str) -> Response:
+    """A chat completion with a fixed answer and no model call (streamed if asked)."""
+    rid, created = f"chatcmpl-{request.state.request_id}", int(time.time())
+    head = {"id": rid, "created": created, "model": model,
+            "system_fingerprint": state.fingerprint}
+    if not body.stream:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text,
+                                            "refusal": None},
+                    "logprobs": None, "finish_reason": "stop"} for i in range(body.n)]
+        return JSONResponse({**head, "object": "chat.completion", "choices": choices,
+                             "usage": _usage(0, 0), "citations": []})
+    chunk = {**head, "object": "chat.completion.chunk"}
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if include_usage:
+        chunk["usage"] = None
+    lines = []
+    for i in range(body.n):
+        for delta, finish in (({"role": "assistant", "content": ""}, None),
+                              ({"content": text}, None), ({}, "stop")):
+            extra = {"citations": []} if i == 0 and finish is None and "role" in delta else {}
+            lines.append(_sse({**chunk, **extra, "choices": [
+                {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}))
+    if include_usage:
+        lines.append(_sse({**chunk, "choices": [], "usage": _usage(0, 0)}))
+    lines.append("data: [DONE]\n\n")
+    return StreamingResponse(iter(lines), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 async def _collect_chat(state: Any, streams: ChoiceStreams, n: int, want_logprobs: bool
@@ -263,23 +301,25 @@ async def _collect_chat(state: Any, streams: ChoiceStreams, n: int, want_logprob
 
 async def _chat_stream(state: Any, streams: ChoiceStreams, request: Request, rid: str,
                        created: int, model: str, prompt_tokens: int, n: int,
-                       want_logprobs: bool, include_usage: bool) -> AsyncIterator[str]:
+                       want_logprobs: bool, include_usage: bool,
+                       citations: list[dict[str, Any]] | None = None) -> AsyncIterator[str]:
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": state.fingerprint}
     if include_usage:
         head["usage"] = None
 
     def chunk(index: int, delta: dict[str, Any], logprobs: list | None = None,
-              finish: str | None = None) -> str:
+              finish: str | None = None, extra: dict[str, Any] | None = None) -> str:
         choice = {"index": index, "delta": delta,
                   "logprobs": {"content": logprobs, "refusal": None} if logprobs else None,
                   "finish_reason": finish}
-        return _sse({**head, "choices": [choice]})
+        return _sse({**head, **(extra or {}), "choices": [choice]})
 
     async def chunks() -> AsyncIterator[str]:
         pending: list[list[dict[str, Any]]] = [[] for _ in range(n)]  # logprobs not yet sent
-        for i in range(n):
-            yield chunk(i, {"role": "assistant", "content": ""})
+        for i in range(n):  # the passages, once, on the first chunk
+            cited = {"citations": citations} if i == 0 and citations is not None else None
+            yield chunk(i, {"role": "assistant", "content": ""}, extra=cited)
         async for ev in streams.events():
             if want_logprobs and ev.token_id is not None and ev.logprob is not None:
                 pending[ev.index].append(

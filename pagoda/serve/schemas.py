@@ -87,6 +87,8 @@ class ChatCompletionRequest(_Sampling):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # Pagoda extension: answer from this knowledge base's passages, with `citations`.
+    knowledge_base: str | None = None
 
 
 class CompletionRequest(_Sampling):

@@ -64,6 +64,8 @@ class ServeSettings:
     # Vector database of the knowledge bases: None is Milvus Lite under $PAGODA_HOME, or a
     # Milvus server URI such as http://milvus:19530.
     milvus_uri: str | None = None
+    # Folder of the knowledge-base manifests; None: $PAGODA_HOME/kb.
+    kb_dir: str | None = None
     # Largest document upload accepted, per file (413 beyond it).
     max_upload_mb: int = 50
     # Fields of pagoda.infer.engine.EngineConfig to override (max_running, max_waiting, ...).

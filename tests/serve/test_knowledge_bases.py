@@ -16,7 +16,7 @@ def server(start_server, tiny, tmp_path):
     from pagoda.serve import ServeSettings
 
     settings = ServeSettings(api_keys=["sk-a", "sk-b"], milvus_uri=str(tmp_path / "kb.db"),
-                             max_upload_mb=1)
+                             kb_dir=str(tmp_path / "kb"), max_upload_mb=1)
     return start_server(tiny, settings)
 
 
@@ -84,4 +84,47 @@ def test_bad_input(server):
     query = http.post("/v1/knowledge_bases/kb1/query", headers=a, json={"query": " "})
     assert query.status_code == 400
     missing = http.post("/v1/knowledge_bases/nope/query", headers=a, json={"query": "x"})
+    assert missing.status_code == 404
+
+
+def test_chat_grounded_on_a_knowledge_base(start_server, smol, tmp_path):
+    """The issue's end-to-end check, with the real SmolLM2 behind the API: two documents in, a
+    question only the second answers gets an answer citing it; an absent one gets "not in the
+    knowledge base"; streaming carries the citations on its first chunk."""
+    from pagoda.serve import ServeSettings
+
+    live = start_server(smol, ServeSettings(milvus_uri=str(tmp_path / "kb.db"),
+                                            kb_dir=str(tmp_path / "kb"), default_max_tokens=40))
+    http = live.http
+    http.post("/v1/knowledge_bases", json={"name": "handbook"})
+    http.post("/v1/knowledge_bases/handbook/documents", files=[
+        ("files", ("office.md", OFFICE, "text/markdown")),
+        ("files", ("leave.md", LEAVE, "text/markdown"))])
+    client = live.openai()
+    ask = [{"role": "user", "content": "How many weeks of paid parental leave do employees get?"}]
+    reply = client.chat.completions.create(model="deepseek-chat", messages=ask,
+                                           extra_body={"knowledge_base": "handbook"})
+    body = reply.model_dump()
+    assert reply.choices[0].message.content
+    assert body["citations"][0]["source"] == "leave.md"
+    assert "16 weeks" in body["citations"][0]["text"]
+
+    absent = [{"role": "user", "content": "What is the boiling point of tungsten in kelvin?"}]
+    reply = client.chat.completions.create(model="deepseek-chat", messages=absent,
+                                           extra_body={"knowledge_base": "handbook"})
+    assert "does not contain" in reply.choices[0].message.content
+    assert reply.model_dump()["citations"] == [] and reply.usage.completion_tokens == 0
+
+    stream = client.chat.completions.create(model="deepseek-chat", messages=ask, stream=True,
+                                            extra_body={"knowledge_base": "handbook"})
+    chunks = [c.model_dump() for c in stream]
+    assert chunks[0]["citations"][0]["source"] == "leave.md"
+    assert "citations" not in chunks[1]
+    stream = client.chat.completions.create(model="deepseek-chat", messages=absent, stream=True,
+                                            extra_body={"knowledge_base": "handbook"})
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert "does not contain" in text
+
+    missing = http.post("/v1/chat/completions", json={
+        "model": "deepseek-chat", "messages": ask, "knowledge_base": "nope"})
     assert missing.status_code == 404
