@@ -100,6 +100,7 @@ def send(page, text: str) -> None:
 def test_page_is_served_with_its_assets(smol_server, page):
     for asset, kind in [("/", "text/html"), ("/app.js", "javascript"), ("/markdown.js", "javascript"),
                         ("/i18n.js", "javascript"), ("/sse.js", "javascript"),
+                        ("/kb.js", "javascript"),
                         ("/style.css", "text/css")]:
         r = smol_server.http.get(asset)
         assert r.status_code == 200 and kind in r.headers["content-type"], asset
@@ -299,3 +300,115 @@ def test_sse_reader_handles_split_chunks(smol_server, page):
         return seen;
     }""")
     assert got == ['{"a":1}', '{"b":"你好"}', "[DONE]"]
+
+
+LEAVE_MD = b"# Parental leave\n\nEmployees get 16 weeks of paid parental leave.\n"
+OFFICE_MD = b"# Office\n\nThe office closes between Christmas and New Year.\n"
+
+
+def test_knowledge_base_panel(smol, start_server, page, tmp_path):
+    """Create a knowledge base, upload two files, chat grounded on it and open a citation."""
+    from pagoda.serve import ServeSettings
+
+    live = start_server(smol, ServeSettings(milvus_uri=str(tmp_path / "kb.db"),
+                                            kb_dir=str(tmp_path / "kb"), default_max_tokens=32))
+    open_chat(page, live.base_url)
+    expect(tid(page, "kb-select")).to_have_value("")  # no knowledge base: a plain chat
+    expect(tid(page, "kb-upload")).to_be_hidden()
+    page.wait_for_timeout(300)
+    assert live.state.knowledge._kbs is None, "opening the chat started the vector database"
+
+    # create one: it becomes the chat's knowledge base (the topbar says so)
+    tid(page, "kb-name").fill("handbook")
+    tid(page, "kb-create-btn").click()
+    expect(tid(page, "kb-select")).to_have_value("handbook", timeout=120_000)
+    expect(tid(page, "kb-status")).to_contain_text("handbook")
+    expect(tid(page, "kb-badge")).to_have_text("handbook")
+    # an API error shows as its message, not as JSON: the name is taken
+    tid(page, "kb-name").fill("handbook")
+    tid(page, "kb-create-btn").click()
+    expect(tid(page, "kb-status")).to_contain_text("already exists")
+    expect(tid(page, "kb-status")).not_to_contain_text("{")
+
+    # upload two files at once: progress, then both listed with their chunks
+    page.evaluate("""() => {
+        window.__progress = [];
+        const node = document.querySelector('[data-testid=kb-progress-text]');
+        new MutationObserver(() => window.__progress.push(node.textContent))
+            .observe(node, {subtree: true, childList: true, characterData: true});
+    }""")
+    tid(page, "kb-files").set_input_files([
+        {"name": "office.md", "mimeType": "text/markdown", "buffer": OFFICE_MD},
+        {"name": "leave.md", "mimeType": "text/markdown", "buffer": LEAVE_MD}])
+    expect(tid(page, "kb-document")).to_have_count(2, timeout=120_000)
+    expect(tid(page, "kb-documents")).to_contain_text("office.md")
+    expect(tid(page, "kb-documents")).to_contain_text("leave.md")
+    expect(tid(page, "kb-status")).to_contain_text("leave.md: added")
+    expect(tid(page, "kb-progress")).to_be_hidden()
+    seen = page.evaluate("window.__progress")
+    assert any(re.search(r"Uploading 2 files… \d+%", s) for s in seen), seen
+    assert "Indexing…" in seen, seen
+    expect(tid(page, "kb-select")).to_contain_text("handbook (2 docs)")
+    # a file the server cannot read is reported by name, the others are kept
+    tid(page, "kb-files").set_input_files([
+        {"name": "tool.exe", "mimeType": "application/octet-stream", "buffer": b"MZ\x90\x00binary"}])
+    expect(tid(page, "kb-status")).to_contain_text("tool.exe: ")
+    expect(tid(page, "kb-status")).to_have_attribute("data-kind", "error")
+    expect(tid(page, "kb-document")).to_have_count(2)
+
+    # a grounded chat: the answer cites leave.md; clicking the citation shows the passage
+    set_generation(page, temperature=0, max_tokens=32)
+    send(page, "How many weeks of paid parental leave do employees get?")
+    expect(tid(page, "send")).to_be_visible(timeout=120_000)
+    expect(tid(page, "message-error")).to_have_count(0)
+    assert last_reply(page).inner_text().strip()
+    reply = tid(page, "message-assistant").last
+    first = reply.get_by_test_id("citation").first
+    expect(first).to_contain_text("[1] leave.md")
+    expect(reply.get_by_test_id("citation-passage")).to_be_hidden()
+    first.click()
+    expect(reply.get_by_test_id("citation-passage")).to_be_visible()
+    expect(reply.get_by_test_id("citation-text")).to_contain_text("16 weeks of paid parental leave")
+    expect(reply.get_by_test_id("citation-passage")).to_contain_text("leave.md")
+    page.screenshot(path=str(SHOTS / "pagoda-web-ui-kb.png"))
+    first.click()  # a second click closes it
+    expect(reply.get_by_test_id("citation-passage")).to_be_hidden()
+
+    # [n] markers in an answer are buttons opening the passage (the small model may not write
+    # any, so check the rendering on a known text too)
+    page.evaluate("""async () => {
+        const { linkCitations } = await import('./kb.js');
+        const div = document.createElement('div');
+        div.id = 'cite-check';
+        div.innerHTML = '<p>Sixteen weeks [1]. Also [1, 2] and [7] and <code>[1]</code>.</p>';
+        document.body.append(div);
+        window.__opened = [];
+        linkCitations(div, [{index: 1}, {index: 2}], (n) => window.__opened.push(n));
+    }""")
+    refs = page.locator("#cite-check [data-testid=citation-ref]")
+    expect(refs).to_have_count(3)  # [1], [1, 2] -> two; not [7] (no such passage) nor in code
+    refs.nth(2).click()
+    assert page.evaluate("window.__opened") == [2]
+    expect(page.locator("#cite-check")).to_contain_text("[7]")
+
+    # citations survive a reload; removing a document updates the list
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    expect(tid(page, "kb-select")).to_have_value("handbook")
+    expect(tid(page, "message-assistant").last.get_by_test_id("citation").first) \
+        .to_contain_text("leave.md")
+    page.once("dialog", lambda d: d.accept())
+    page.locator("[data-testid=kb-document]", has_text="office.md") \
+        .get_by_test_id("kb-document-remove").click()
+    expect(tid(page, "kb-document")).to_have_count(1)
+    expect(tid(page, "kb-documents")).to_contain_text("leave.md")
+
+    # the panel speaks Chinese too
+    tid(page, "lang-toggle").click()
+    expect(tid(page, "kb-panel")).to_contain_text("知识库")
+    expect(tid(page, "kb-upload")).to_contain_text("上传文件")
+    tid(page, "kb-panel").scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "pagoda-web-ui-kb-zh.png"))
+    tid(page, "kb-select").select_option("")
+    expect(tid(page, "kb-upload")).to_be_hidden()
+    expect(tid(page, "kb-badge")).to_be_hidden()

@@ -3,6 +3,8 @@
 import { STRINGS } from "./i18n.js";
 import { renderMarkdown } from "./markdown.js";
 import { readSSE } from "./sse.js";
+import { decorateMessage, initKnowledge, refreshKnowledgeBases, renderKnowledge, selectedKnowledgeBase }
+  from "./kb.js";
 
 const LS = {
   conversations: "pagoda.chat.conversations",
@@ -53,6 +55,7 @@ const settings = Object.assign({
   maxTokens: 512,
   system: "",
   showSettings: true,
+  knowledgeBase: "",
 }, load(LS.settings, {}));
 
 let conversations = load(LS.conversations, []);
@@ -98,6 +101,7 @@ function applyLanguage() {
   renderList();
   renderMessages();
   renderStats();
+  renderKnowledge();
 }
 
 // ---------------------------------------------------------------- conversations
@@ -239,6 +243,7 @@ function fillMessage(node, msg, streaming) {
     copy.textContent = t("copy");
     meta.append(copy);
   }
+  if (msg.role === "assistant") decorateMessage(node, msg, streaming);
 }
 
 function formatStats(msg) {
@@ -361,6 +366,8 @@ async function sendMessage(text) {
     max_tokens: Math.max(1, parseInt(el.maxTokens.value, 10) || 512),
   };
   if (el.model.value) payload.model = el.model.value;
+  const kb = selectedKnowledgeBase(); // a Pagoda extension: answer from this knowledge base
+  if (kb) payload.knowledge_base = kb;
 
   const start = performance.now();
   let firstToken = null;
@@ -384,6 +391,7 @@ async function sendMessage(text) {
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message || JSON.stringify(chunk.error));
       if (chunk.usage) usage = chunk.usage;
+      if (chunk.citations) reply.citations = chunk.citations;
       const delta = chunk.choices?.[0]?.delta?.content;
       if (delta) {
         if (firstToken === null) firstToken = performance.now();
@@ -565,7 +573,10 @@ let keyTimer = null;
 el.apiKey.addEventListener("input", () => {
   save(LS.apiKey, el.apiKey.value);
   clearTimeout(keyTimer);
-  keyTimer = setTimeout(loadModels, 400);
+  keyTimer = setTimeout(() => {
+    loadModels();
+    refreshKnowledgeBases({ ifLoaded: true });
+  }, 400);
 });
 
 window.addEventListener("storage", (e) => {
@@ -593,6 +604,7 @@ for (const c of conversations) {
 }
 if (!current()) currentId = conversations[0]?.id ?? null;
 if (!current()) createConversation();
+initKnowledge({ t, headers, apiUrl, errorMessage, settings, saveSettings });
 applySettingsVisibility();
 applyLanguage();
 setBusy(false);

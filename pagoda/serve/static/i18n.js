@@ -1,4 +1,5 @@
-// UI strings in English and Chinese; every visible label of the chat page comes from here.
+// UI strings in English and Chinese; every visible label of the chat page (and of the
+// knowledge-base panel, kb.js) comes from here.
 
 export const STRINGS = {
   en: {
@@ -17,6 +18,15 @@ export const STRINGS = {
     needKey: "The server needs an API key: open Settings and enter it.",
     networkError: "Network error", you: "You", assistant: "Assistant",
     messages: (n) => `${n} message${n === 1 ? "" : "s"}`,
+    knowledgeBase: "Knowledge base", kbAnswerFrom: "Answer from", kbNone: "None (plain chat)",
+    kbNamePlaceholder: "New knowledge base name", kbLanguage: "Language of the documents",
+    kbCreate: "Create", kbCreating: "Creating…", kbCreated: (name) => `Created “${name}”.`,
+    kbUpload: "Upload files", kbUploading: (n, pct) => `Uploading ${n} file${n === 1 ? "" : "s"}… ${pct}%`,
+    kbIndexing: "Indexing…", kbNoDocuments: "No documents yet: upload some.",
+    kbDocCount: (n) => `${n} doc${n === 1 ? "" : "s"}`, kbChunks: (n) => `${n} chunk${n === 1 ? "" : "s"}`,
+    kbRemove: "Remove document", kbRemoveConfirm: (s) => `Remove “${s}” from the knowledge base?`,
+    kbRemoved: (s) => `Removed “${s}”.`, kbStatus_added: "added", kbStatus_updated: "updated",
+    kbStatus_unchanged: "unchanged", kbSources: "Sources", kbPage: (p) => `p. ${p}`,
   },
   zh: {
     newChat: "新对话", conversations: "对话列表", menu: "菜单", model: "模型",
@@ -34,5 +44,14 @@ export const STRINGS = {
     needKey: "服务器需要 API 密钥：请打开“设置”填写。",
     networkError: "网络错误", you: "你", assistant: "助手",
     messages: (n) => `${n} 条消息`,
+    knowledgeBase: "知识库", kbAnswerFrom: "依据知识库回答", kbNone: "不使用（普通对话）",
+    kbNamePlaceholder: "新知识库名称", kbLanguage: "文档语言",
+    kbCreate: "创建", kbCreating: "正在创建…", kbCreated: (name) => `已创建“${name}”。`,
+    kbUpload: "上传文件", kbUploading: (n, pct) => `正在上传 ${n} 个文件… ${pct}%`,
+    kbIndexing: "正在建立索引…", kbNoDocuments: "还没有文档：请上传。",
+    kbDocCount: (n) => `${n} 篇文档`, kbChunks: (n) => `${n} 个片段`,
+    kbRemove: "移除文档", kbRemoveConfirm: (s) => `从知识库中移除“${s}”？`,
+    kbRemoved: (s) => `已移除“${s}”。`, kbStatus_added: "已添加", kbStatus_updated: "已更新",
+    kbStatus_unchanged: "未变化", kbSources: "来源", kbPage: (p) => `第 ${p} 页`,
   },
 };
