@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable
+from contextlib import closing
 from datetime import datetime
 from typing import Any
 
@@ -100,8 +101,7 @@ def _database() -> MilvusDatabase:
 
 def _with_kb(name: str, work: Callable[[KnowledgeBase], Awaitable[Any]]) -> Any:
     """Open the knowledge base with its own embedder, run `work` on it, close everything."""
-    db = _database()
-    try:
+    with closing(_database()) as db:
         kbs = KnowledgeBases(db)
         embedder = LocalEmbeddings.load(kbs.manifest(name).embedder)
 
@@ -112,8 +112,6 @@ def _with_kb(name: str, work: Callable[[KnowledgeBase], Awaitable[Any]]) -> Any:
                 await embedder.close()
 
         return asyncio.run(go())
-    finally:
-        db.close()
 
 
 def _when(ts: float) -> str:
@@ -122,8 +120,7 @@ def _when(ts: float) -> str:
 
 # ------------------------------------------------------------------------------ commands
 def cmd_create(args: argparse.Namespace) -> None:
-    db = _database()
-    try:
+    with closing(_database()) as db:
         embedder = LocalEmbeddings.load(args.embedder)
         try:
             kb = KnowledgeBases(db).create(args.name, embedder, embedder.dimension, args.language,
@@ -131,8 +128,6 @@ def cmd_create(args: argparse.Namespace) -> None:
                                            chunk_overlap=args.chunk_overlap)
         finally:
             asyncio.run(embedder.close())
-    finally:
-        db.close()
     m = kb.manifest
     if args.json:
         print(json.dumps({"name": m.name, "embedder": m.embedder, "dim": m.dim,
@@ -172,11 +167,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    db = _database()
-    try:
+    with closing(_database()) as db:
         manifests = KnowledgeBases(db).list()
-    finally:
-        db.close()
     rows = [{"name": m.name, "embedder": m.embedder, "language": m.language,
              "documents": len(m.documents), "chunks": sum(d.chunks for d in m.documents.values())}
             for m in manifests]
@@ -192,11 +184,8 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    db = _database()
-    try:
+    with closing(_database()) as db:
         m = KnowledgeBases(db).manifest(args.name)
-    finally:
-        db.close()
     docs = [{"source": d.source, "format": d.format, "chunks": d.chunks, "sha256": d.sha256,
              "added": _when(d.added)} for d in sorted(m.documents.values(), key=lambda d: d.added)]
     if args.json:
@@ -216,11 +205,8 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 
 def cmd_delete(args: argparse.Namespace) -> None:
-    db = _database()
-    try:
+    with closing(_database()) as db:
         KnowledgeBases(db).delete(args.name)
-    finally:
-        db.close()
     print(json.dumps({"deleted": args.name}) if args.json else f"deleted {args.name!r}")
 
 

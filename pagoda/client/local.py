@@ -26,11 +26,9 @@ class LocalChat:
 
     @classmethod
     def load(cls, name: str) -> LocalChat:
-        """Pull (if needed) and load a chat model with an engine of its own."""
-        from pagoda.hub import pull
+        """Load a chat model (pulled on first use) with an engine of its own."""
         from pagoda.hub.loader import load_model
 
-        pull(name, progress=False)
         loaded = load_model(name)
         engine = AsyncEngine(Engine(loaded.model, loaded.tokenizer.eos_ids))
         return cls(engine, loaded.tokenizer, name, owns_engine=True)
@@ -70,11 +68,9 @@ class LocalEmbeddings:
 
     @classmethod
     def load(cls, name: str = "minilm-l6") -> LocalEmbeddings:
-        """Pull (if needed) and load an embedding model with a worker of its own."""
-        from pagoda.hub import pull
+        """Load an embedding model (pulled on first use) with a worker of its own."""
         from pagoda.hub.loader import load_model
 
-        pull(name, progress=False)
         loaded = load_model(name)
         engine = EmbeddingEngine(loaded.model, loaded.tokenizer, name, loaded.max_tokens)
         return cls(AsyncEmbedder(engine), owns_worker=True)

@@ -57,7 +57,7 @@ class EmbeddingEngine:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit vectors (len(texts), dimension), float32, in the order of `texts`."""
-        ids = self.tokenizer.encode_batch(_checked(texts), add_special_tokens=True,
+        ids = self.tokenizer.encode_batch(check_texts(texts), add_special_tokens=True,
                                           max_length=self.window)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
         vectors = torch.empty(len(ids), self.dimension, dtype=torch.float32)
@@ -83,7 +83,7 @@ class EmbeddingEngine:
         return F.normalize(mean, dim=-1).cpu()
 
 
-def _checked(texts: Sequence[str]) -> list[str]:
+def check_texts(texts: Sequence[str]) -> list[str]:
     """The texts as a list, or an InvalidRequestError naming the first bad one."""
     if isinstance(texts, str):
         raise InvalidRequestError("embed takes a list of texts; wrap a single text in a list")

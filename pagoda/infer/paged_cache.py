@@ -8,6 +8,8 @@ one forward pass uses (it implements the model's `AttentionCache` protocol).
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 
 from pagoda.infer.kernels import native_available
@@ -104,8 +106,10 @@ class PagedBatch:
             visible &= key[None, None, :] > query[:, :, None] - window
         return visible.unsqueeze(1)  # (B, 1, n_new, S)
 
+    @cached_property
     def all_slots(self) -> torch.Tensor:
-        """(B, width) pool slot of every position of every row (0 past a row's end)."""
+        """(B, width) pool slot of every position of every row (0 past a row's end); the same
+        for every layer, so computed once per pass."""
         bs = self.pool.block_size
         offsets = torch.arange(bs, device=self.tables.device)
         slots = (self.tables[:, :, None] * bs + offsets).flatten(1)[:, :self.width]
@@ -114,7 +118,7 @@ class PagedBatch:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._store(layer, k, v)
-        slots = self.all_slots()
+        slots = self.all_slots
         keys = self.pool.k[layer][slots]  # (B, S, n_kv, hd) gathered copy
         values = self.pool.v[layer][slots]
         return keys.transpose(1, 2), values.transpose(1, 2)  # (B, n_kv, S, hd)

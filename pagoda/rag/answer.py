@@ -53,8 +53,9 @@ def grounded_messages(question: str, passages: list[Citation],
 async def retrieve(kb: KnowledgeBase, question: str, k: int = 4,
                    min_relevance: float = MIN_RELEVANCE) -> list[Citation]:
     """The numbered passages to answer from; empty when none is relevant enough."""
-    hits = await kb.query(question, k)
-    relevance = await kb.relevance(question, hits) if hits else []
+    vector = await kb.embed_query(question)
+    hits = await kb.query(question, k, vector=vector)
+    relevance = kb.similarity(vector, hits)
     if not hits or max(relevance) < min_relevance:
         return []
     return [Citation(n, h.meta.source, h.meta.page, h.meta.headings, h.text, score)

@@ -80,6 +80,10 @@ class Manifest:
     documents: dict[str, DocumentRecord] = field(default_factory=dict)
     pending: list[str] = field(default_factory=list)  # doc ids being written or deleted
 
+    def visible_to(self, owner: str | None) -> bool:
+        """Whether `owner` may see it: its creator, or anyone when it has no owner."""
+        return self.owner is None or self.owner == owner
+
     @property
     def collection(self) -> str:
         """Milvus-safe collection name (knowledge-base names may be Chinese or contain '-')."""
@@ -189,8 +193,10 @@ class KnowledgeBase:
 
     # ------------------------------------------------------------------ retrieval
     async def query(self, question: str, k: int = 5, mode: str = "hybrid",
-                    sources: Sequence[str] | None = None) -> list[Hit]:
-        """The k passages most relevant to `question`, best first."""
+                    sources: Sequence[str] | None = None,
+                    vector: np.ndarray | None = None) -> list[Hit]:
+        """The k passages most relevant to `question`, best first (`vector`: the question's
+        embedding, when the caller already has it)."""
         if not question.strip():
             raise InvalidRequestError("the question is empty")
         if mode not in MODES:
@@ -200,17 +206,20 @@ class KnowledgeBase:
         where = self._filter(sources)
         if mode == "keyword":
             return self.store.keyword_search(question, k, where)
-        vector = (await self._embed([question], passage=False))[0]
+        if vector is None:
+            vector = await self.embed_query(question)
         if mode == "dense":
             return self.store.dense_search(vector, k, where)
         return self.store.hybrid_search(question, vector, k, where)
 
-    async def relevance(self, question: str, hits: Sequence[Hit]) -> list[float]:
-        """Cosine similarity of the question to each hit (hybrid scores are rank-based, so
-        whether anything relevant was found is judged on these)."""
-        query = await self._embed([question], passage=False)
-        passages = await self._embed([h.text for h in hits], passage=True)
-        return [float(query[0] @ v) for v in passages]
+    async def embed_query(self, question: str) -> np.ndarray:
+        """The question's unit vector (with the embedder's query prefix)."""
+        return (await self._embed([question], passage=False))[0]
+
+    def similarity(self, vector: np.ndarray, hits: Sequence[Hit]) -> list[float]:
+        """Cosine similarity of a question vector to each hit's stored vector (hybrid scores are
+        rank-based, so whether anything relevant was found is judged on these)."""
+        return [float(vector @ np.asarray(h.vector, dtype=np.float32)) for h in hits]
 
     async def _embed(self, texts: list[str], passage: bool) -> np.ndarray:
         """Vectors of queries or passages, with the prefixes the embedder was trained with."""
@@ -271,7 +280,7 @@ class KnowledgeBases:
         if not path.exists():
             raise KnowledgeBaseNotFoundError(self._missing(name, owner))
         manifest = Manifest.read(path)
-        if manifest.owner is not None and manifest.owner != owner:
+        if not manifest.visible_to(owner):
             raise KnowledgeBaseNotFoundError(self._missing(name, owner))
         return manifest
 
@@ -283,7 +292,7 @@ class KnowledgeBases:
     def list(self, owner: str | None = None) -> list[Manifest]:
         """The knowledge bases this owner may see, by name."""
         found = [Manifest.read(p) for p in sorted(self.root.glob("*.json"))]
-        return [m for m in found if m.owner is None or m.owner == owner]
+        return [m for m in found if m.visible_to(owner)]
 
     def delete(self, name: str, owner: str | None = None) -> None:
         manifest = self.manifest(name, owner)

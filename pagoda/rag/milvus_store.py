@@ -55,7 +55,7 @@ ANALYZERS: dict[str, dict] = {
 FUSION_DEPTH = 50  # each ranking fused by hybrid search holds this many candidates (or k if more)
 MAX_TEXT_BYTES = 65_535  # Milvus' VARCHAR limit
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
-_OUTPUT = ["doc_id", "text", "source", "page", "headings", "char_start", "char_end"]
+_OUTPUT = ["doc_id", "text", "source", "page", "headings", "char_start", "char_end", "vector"]
 # Milvus Lite's engine is single-writer per collection; one lock for the process is simpler and
 # costs nothing that matters (ingest is bound by the embedder).
 _EMBEDDED_WRITES = threading.Lock()
@@ -115,7 +115,8 @@ def _hit(raw, score: float | None = None) -> Hit:
                score=float(raw["distance"] if score is None else score),
                meta=ChunkMeta(source=entity["source"], page=None if page < 0 else page,
                               headings=tuple(json.loads(entity["headings"])),
-                              start=int(entity["char_start"]), end=int(entity["char_end"])))
+                              start=int(entity["char_start"]), end=int(entity["char_end"])),
+               vector=np.asarray(entity["vector"], dtype=np.float32))
 
 
 class MilvusStore:

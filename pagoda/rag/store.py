@@ -49,6 +49,9 @@ class Hit:
     text: str
     score: float
     meta: ChunkMeta
+    # The stored vector when the backend returns it, so callers can compare it with the
+    # question's without embedding the passage again.
+    vector: Sequence[float] | None = None
 
 
 @dataclass(frozen=True)

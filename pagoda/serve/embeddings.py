@@ -16,6 +16,7 @@ from fastapi import APIRouter
 
 from pagoda.client import LocalEmbeddings
 from pagoda.errors import InvalidRequestError, ModelNotFoundError
+from pagoda.infer.embed import check_texts
 from pagoda.serve.errors import with_param
 from pagoda.serve.schemas import EmbeddingList, EmbeddingRequest, ErrorResponse
 
@@ -75,22 +76,19 @@ def build_embeddings_router(slot: EmbedderSlot, guard: list[Any]) -> APIRouter:
 
 
 def _texts(raw: str | list) -> list[str]:
-    """The request's texts, or a 400 saying what is wrong with `input`."""
+    """The request's texts, or a 400 saying what is wrong with `input`; checked here, before
+    they join a batch on the embedding worker."""
     texts = [raw] if isinstance(raw, str) else raw
-    if not texts:
-        raise with_param(InvalidRequestError("'input' is empty: send a string or a list of "
-                                             "strings"), "input")
-    if not all(isinstance(t, str) for t in texts):
+    if any(not isinstance(t, str) for t in texts):
         raise with_param(InvalidRequestError("token-id input is not supported: send text"),
                          "input")
     if len(texts) > MAX_INPUTS:
         raise with_param(InvalidRequestError(f"'input' has {len(texts)} items; at most "
                                              f"{MAX_INPUTS} per request"), "input")
-    for i, text in enumerate(texts):
-        if not text.strip():
-            raise with_param(InvalidRequestError(f"input {i} is empty: there is nothing to "
-                                                 "embed"), "input")
-    return texts
+    try:
+        return check_texts(texts)
+    except InvalidRequestError as exc:
+        raise with_param(exc, "input") from None
 
 
 def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:

@@ -18,6 +18,7 @@ from pagoda.errors import InvalidRequestError
 from pagoda.rag.answer import Citation, grounded_messages, retrieve
 from pagoda.serve.errors import with_param
 from pagoda.serve.kb_routes import owner_of
+from pagoda.tokenizer.chat import content_text
 
 
 @dataclass
@@ -32,7 +33,7 @@ async def ground(state: Any, name: str, messages: list[dict[str, Any]],
     kb = await state.knowledge.open(name, owner_of(state.guard, request))
     last = next((i for i in range(len(messages) - 1, -1, -1)
                  if messages[i]["role"] == "user"), None)
-    question = _text(messages[last]["content"]) if last is not None else ""
+    question = content_text(messages[last].get("content"), last) if last is not None else ""
     if not question.strip():
         raise with_param(InvalidRequestError(
             "a chat grounded on a knowledge base needs a user message with the question"),
@@ -47,10 +48,3 @@ async def ground(state: Any, name: str, messages: list[dict[str, Any]],
 def citation_dicts(citations: list[Citation]) -> list[dict[str, Any]]:
     return [{"index": c.n, "source": c.source, "page": c.page, "headings": list(c.headings),
              "text": c.text, "score": round(c.score, 4)} for c in citations]
-
-
-def _text(content: Any) -> str:
-    """A message's text: the string, or its text parts joined."""
-    if isinstance(content, str):
-        return content
-    return "\n".join(p.get("text") or "" for p in content or [])

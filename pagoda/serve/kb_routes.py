@@ -71,12 +71,29 @@ class KnowledgeBaseService:
         return self._locks.setdefault(name, asyncio.Lock())
 
     async def open(self, name: str, owner: str | None) -> KnowledgeBase:
-        kbs = await self.registry()
-        kbs.manifest(name, owner)  # 404 for a missing or someone else's knowledge base
-        if name not in self._open:
+        """The open knowledge base (read from disk once); 404 for a missing or someone else's."""
+        kb = self._open.get(name)
+        if kb is None or not kb.manifest.visible_to(owner):
+            kbs = await self.registry()
             client = await self.embedder.get()
-            self._open[name] = await asyncio.to_thread(kbs.open, name, client, owner)
-        return self._open[name]
+            kb = self._open[name] = await asyncio.to_thread(kbs.open, name, client, owner)
+        return kb
+
+    async def create(self, body: KnowledgeBaseCreate, owner: str | None) -> KnowledgeBase:
+        """A new, empty knowledge base embedding with the server's embedding model."""
+        kbs = await self.registry()
+        client = await self.embedder.get()
+        async with self.lock(body.name):
+            kb = self._open[body.name] = await asyncio.to_thread(
+                kbs.create, body.name, client, client.dimension, body.language, owner,
+                body.chunk_size, body.chunk_overlap)
+        return kb
+
+    async def delete(self, name: str, owner: str | None) -> None:
+        kbs = await self.registry()
+        async with self.lock(name):
+            await asyncio.to_thread(kbs.delete, name, owner)
+            self._open.pop(name, None)
 
     async def close(self) -> None:
         if self._kbs is not None:
@@ -101,14 +118,7 @@ def build_kb_router(service: KnowledgeBaseService, guard: Any, deps: list[Any]) 
     @router.post("")
     async def create_kb(body: KnowledgeBaseCreate, request: Request) -> dict[str, Any]:
         """A new, empty knowledge base embedding with the server's embedding model."""
-        kbs = await service.registry()
-        client = await service.embedder.get()
-        async with service.lock(body.name):
-            kb = await asyncio.to_thread(
-                kbs.create, body.name, client, client.dimension, body.language,
-                owner_of(guard, request), body.chunk_size, body.chunk_overlap)
-        service._open[body.name] = kb
-        return _card(kb.manifest)
+        return _card((await service.create(body, owner_of(guard, request))).manifest)
 
     @router.get("/{name}")
     async def show_kb(name: str, request: Request) -> dict[str, Any]:
@@ -122,10 +132,7 @@ def build_kb_router(service: KnowledgeBaseService, guard: Any, deps: list[Any]) 
 
     @router.delete("/{name}")
     async def delete_kb(name: str, request: Request) -> dict[str, Any]:
-        kbs = await service.registry()
-        async with service.lock(name):
-            await asyncio.to_thread(kbs.delete, name, owner_of(guard, request))
-            service._open.pop(name, None)
+        await service.delete(name, owner_of(guard, request))
         return {"id": name, "object": "knowledge_base.deleted", "deleted": True}
 
     @router.post("/{name}/documents")

@@ -103,11 +103,11 @@ def _normalize(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             )
         if message.get("content") is None and not message.get("tool_calls"):
             raise InvalidRequestError(f"messages[{i}] ({role}) has no content")
-        chat.append({**message, "content": _text(message.get("content"), i)})
+        chat.append({**message, "content": content_text(message.get("content"), i)})
     return chat
 
 
-def _text(content: Any, index: int) -> str:
+def content_text(content: Any, index: int) -> str:
     """A string content, or the text parts of an OpenAI-style list of parts joined by newlines."""
     if content is None or isinstance(content, str):
         return content or ""

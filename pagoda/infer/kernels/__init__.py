@@ -64,12 +64,9 @@ class SkinnyLinear(nn.Linear):
     """nn.Linear whose few-row calls go to the native kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows > MAX_ROWS or not _native(x):
+        if not _native(x):
             return F.linear(x, self.weight, self.bias)
-        y = torch.ops.pagoda_kernels.skinny_linear(x.reshape(rows, self.in_features),
-                                                   self.weight, self.bias)
-        return y.view(*x.shape[:-1], self.out_features)
+        return _linear(x, self.weight, self.bias)
 
 
 class NativeRMSNorm(RMSNorm):
@@ -110,9 +107,8 @@ def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
-def _fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T (+ bias): the native kernel for a few rows, one MKL GEMM for many (one wide
-    GEMM instead of two or three narrow ones)."""
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T (+ bias): the native kernel for up to MAX_ROWS rows, MKL's GEMM beyond."""
     rows, width = x.numel() // x.shape[-1], x.shape[-1]
     if rows > MAX_ROWS:
         return F.linear(x, weight, bias)
@@ -126,7 +122,7 @@ class NativeFeedForward(FeedForward):
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is None or not _native(x):
             return super().hidden(x)
-        gate, up = _fused_linear(x, *self._gate_up).chunk(2, dim=-1)
+        gate, up = _linear(x, *self._gate_up).chunk(2, dim=-1)
         return self.act(gate) * up
 
 
@@ -137,7 +133,7 @@ class NativeAttention(Attention):
         if not _native(x):
             return super().project(x)
         B, T, _ = x.shape
-        heads = _fused_linear(x, *self._qkv).view(B, T, self.n_head + 2 * self.n_kv, self.hd)
+        heads = _linear(x, *self._qkv).view(B, T, self.n_head + 2 * self.n_kv, self.hd)
         q, k, v = heads.split([self.n_head, self.n_kv, self.n_kv], dim=2)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
