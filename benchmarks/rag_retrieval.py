@@ -1,40 +1,42 @@
 """Retrieval quality and speed of Pagoda's knowledge bases: BM25 vs dense vs hybrid.
 
-The benchmark builds itself from real text nobody here wrote: tinyshakespeare
-(`../shared/data/tinyshakespeare/input.txt`), cut into documents of `--speeches-per-doc`
-consecutive speeches (speeches are the blank-line-separated blocks), optionally followed by the
-Python documentation reST sources (`--python-docs`, Debian package `python3.11-doc`; the script
-never installs it). Everything goes through Pagoda's own code: `KnowledgeBases.create` on a
-temporary Milvus Lite file (`MilvusDatabase`), `KnowledgeBase.add` (load, split, embed with
+The benchmark builds itself from real text nobody here wrote (`rag_corpus.py`): by default the
+Python 3.11 documentation's reST sources (Debian package `python3.11-doc`, installed with
+apt-get when missing), or tinyshakespeare (`--corpus shakespeare`). Everything goes through
+Pagoda's own code: `KnowledgeBases.create` on a temporary vector database (`--store`: Milvus
+Lite, the default backend, or SQLite), `KnowledgeBase.add` (load, split, embed with
 `LocalEmbeddings.load("minilm-l6")`, store), and `KnowledgeBase.query` in modes "keyword"
-(Milvus BM25), "dense" (cosine) and "hybrid" (RRF of both, inside Milvus).
+(BM25), "dense" (cosine) and "hybrid" (reciprocal-rank fusion of both).
 
-Questions are generated, not written, in two kinds (`--queries` of each, seeded):
+Questions are generated, not written, in three kinds (`--queries` of each, seeded):
 
 - fragment: pick an indexed chunk at random, a sentence of at least 8 words in it, a window of
   up to 8 consecutive words, and drop 40% of them at random (at least 4 stay); lower-cased,
-  without punctuation. Gold: every indexed chunk whose text contains the whole sentence (chunks
-  overlap, lines repeat). The gaps cost BM25 some shared terms and give the dense model a broken
-  phrase; the words that stay are still the passage's own.
-- heldout: before indexing, every 4th speech (of at least 3 verse lines) loses one inner line
-  of at least 7 words; that line is the question, so it is nowhere in the index, and the gold
-  chunks are those around its gap (the text right before and after it). Only context (names,
-  topic, neighbouring words) can find it: hard for every method.
+  without punctuation. Gold: every indexed chunk whose text contains the whole sentence. The
+  words that stay are the passage's own: a lexical task.
+- heldout: before indexing, a sentence (pydocs: an inner sentence of 8+ words of every 4th prose
+  paragraph; shakespeare: an inner verse line of every 4th speech) is taken out; it is the
+  question, nowhere in the index, and the gold chunks are those touching its gap. Only the
+  topic and context can find it.
+- title (pydocs): every 3rd section title of 3+ words (unique in the corpus) is taken out; it is
+  the question and the gold chunks are its section's body: a topic search.
 
     recall@5 = share of questions with a gold chunk among the top 5 hits
     nDCG@10  = binary-relevance nDCG of the top 10 (ideal: min(#gold, 10) gold hits first)
 
 reported per kind and pooled ("all", which the hybrid target uses).
 
-Scale: the real corpus gives 1,957 chunks (default chunking). For a size beyond it, the index is filled
+Scale: real chunks are ingested up to the first size (`--max-real-chunks`); beyond, the index is filled
 with copies of the real chunks (the same text and the same vectors, embedded once, re-inserted
 under new ids and document ids) to measure query latency; quality is measured only on indexes of
 real chunks (copies would duplicate the gold passages), and the JSON says which is which.
 
     .venv/bin/python benchmarks/rag_retrieval.py                 # 10k and 100k chunks
-    .venv/bin/python benchmarks/rag_retrieval.py --quick         # smoke test: 300 chunks, 50+50 questions
+    .venv/bin/python benchmarks/rag_retrieval.py --store sqlite  # the SQLite backend
+    .venv/bin/python benchmarks/rag_retrieval.py --quick         # smoke test: 300 chunks, 50 of each
 
-Writes benchmarks/results/rag_retrieval.json and .png; the last stdout line is one JSON object.
+Writes benchmarks/results/rag_retrieval.json and .png (rag_retrieval-sqlite.* with --store
+sqlite); the last stdout line is one JSON object.
 Targets (hybrid recall@5 beats keyword and dense; query p95 < 100 ms at 100k chunks; ingest
 >= 50 chunks/s) are reported, not asserted.
 """
@@ -55,11 +57,11 @@ import time
 from pathlib import Path
 
 from common import machine_info, pyplot, save_png, write_json
+from rag_corpus import CORPORA, load_corpus
+
+from pagoda.rag.kb import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared/data/tinyshakespeare/input.txt"
-PYDOCS_DIRS = (Path("/usr/share/doc/python3.11/html/_sources"),
-               Path("/usr/share/doc/python3.11-doc/html/_sources"))
 RESULTS = REPO / "benchmarks" / "results"
 EMBEDDER = "minilm-l6"
 MODES = ("keyword", "dense", "hybrid")
@@ -67,8 +69,8 @@ TARGETS = {"ingest_chunks_s_min": 50.0, "query_p95_ms_max": 100.0, "p95_at_chunk
 FILL_BATCH = 2000  # filler chunks per store insert (Milvus Lite flushes after each)
 _WORD = re.compile(r"[A-Za-z0-9']+")
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
-HOLDOUT_EVERY = 4  # every 4th speech (with room for it) loses a line to the held-out questions
-QUESTION_KINDS = ("fragment", "heldout")
+QUESTION_KINDS = ("fragment", "heldout", "title")
+STORES = {"milvus": ("milvus.db", "Milvus Lite"), "sqlite": ("kb.sqlite", "SQLite FTS5 + numpy")}
 WARMUP = 10  # untimed questions per mode before each latency measurement
 
 
@@ -85,18 +87,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=None,
                    help="generated questions of each kind, fragment and heldout "
                    "(default 300; --quick: 50)")
-    p.add_argument("--chunk-size", type=int, default=200,
-                   help="splitter chunk size in tokens (200, the knowledge-base default)")
-    p.add_argument("--chunk-overlap", type=int, default=30,
-                   help="splitter overlap in tokens (30, the knowledge-base default)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                   help=f"splitter chunk size in tokens ({DEFAULT_CHUNK_SIZE}, the "
+                   "knowledge-base default)")
+    p.add_argument("--chunk-overlap", type=int, default=DEFAULT_CHUNK_OVERLAP,
+                   help=f"splitter overlap in tokens ({DEFAULT_CHUNK_OVERLAP}, the "
+                   "knowledge-base default)")
     p.add_argument("--speeches-per-doc", type=int, default=40,
                    help="tinyshakespeare speeches per document (40)")
-    p.add_argument("--python-docs", action="store_true",
-                   help="also index the Python reST sources of the Debian package python3.11-doc "
-                   "(must be installed; the script does not install it)")
+    p.add_argument("--store", choices=tuple(STORES), default="milvus",
+                   help="vector database: milvus (Milvus Lite, the default backend) or sqlite "
+                   "(SQLite FTS5 + numpy); a temporary file either way")
+    p.add_argument("--corpus", choices=CORPORA, default="pydocs",
+                   help="pydocs: the Python 3.11 docs' reST sources (Debian python3.11-doc, "
+                   "installed when missing); shakespeare: tinyshakespeare (default pydocs)")
     p.add_argument("--max-real-chunks", type=int, default=None,
-                   help="stop ingesting real documents past this many chunks (default: the whole "
-                   "corpus); larger sizes are filled with copies")
+                   help="stop ingesting real documents past this many chunks (default: the first "
+                   "size); larger sizes are filled with copies")
     p.add_argument("--seed", type=int, default=0, help="question sampling seed (0)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the embedder (2)")
     p.add_argument("--quick", action="store_true", help="smoke test: 300 chunks, 50 questions of each kind")
@@ -114,58 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--chunks needs at least one size >= 10")
     if args.max_real_chunks is not None and args.max_real_chunks < 10:
         p.error("--max-real-chunks must be >= 10")
+    args.max_real_chunks = args.max_real_chunks or args.chunks[0]
     if args.queries < 1 or args.threads < 1 or args.speeches_per_doc < 1:
         p.error("--queries, --threads and --speeches-per-doc must be >= 1")
     if not 0 <= args.chunk_overlap < args.chunk_size:
         p.error("--chunk-overlap must be >= 0 and below --chunk-size")
     return args
-
-
-# ------------------------------------------------------------------------------ corpus
-def python_docs_dir() -> Path | None:
-    return next((d for d in PYDOCS_DIRS if d.is_dir()), None)
-
-
-def load_corpus(args: argparse.Namespace) -> tuple[list[tuple[str, bytes]], dict[str, list]]:
-    """(source, content) documents in ingest order, and per source its held-out lines.
-
-    Every `HOLDOUT_EVERY`-th speech of at least 3 verse lines loses one line of >= 7 words (not
-    its first or last): the line becomes a question and is not indexed; its place in the
-    document (a character offset) says which chunks held its context.
-    """
-    text = DATA.read_text(encoding="utf-8")
-    speeches = [s.strip() for s in re.split(r"\n\s*\n", text) if s.strip()]
-    rng = random.Random(args.seed)
-    n = args.speeches_per_doc
-    docs, held = [], {}
-    for d, first in enumerate(range(0, len(speeches), n)):
-        source = f"tinyshakespeare/part-{d + 1:04d}.txt"
-        parts, holes, offset = [], [], 0
-        for j, speech in enumerate(speeches[first:first + n]):
-            lines = speech.split("\n")
-            inner = [i for i in range(2, len(lines) - 1) if len(_WORD.findall(lines[i])) >= 7]
-            if (first + j) % HOLDOUT_EVERY == 0 and inner:
-                i = rng.choice(inner)
-                line = lines.pop(i)
-                hole = offset + sum(len(x) + 1 for x in lines[:i])  # where the next line starts
-                holes.append((hole, line))
-            body = "\n".join(lines)
-            parts.append(body)
-            offset += len(body) + 2
-        docs.append((source, "\n\n".join(parts).encode("utf-8")))
-        held[source] = holes
-    if args.python_docs:
-        root = python_docs_dir()
-        if root is None:
-            raise SystemExit(
-                "error: --python-docs needs the Debian package python3.11-doc (its reST sources "
-                f"in {PYDOCS_DIRS[0]}); install it with `sudo apt-get install python3.11-doc` "
-                "and run again, or drop --python-docs (this script installs nothing)")
-        for path in sorted(root.rglob("*.rst.txt")):
-            data = path.read_bytes()
-            if data.strip():
-                docs.append((f"python-docs/{path.relative_to(root)}", data))
-    return docs, held
 
 
 # ------------------------------------------------------------------------------ questions
@@ -216,16 +177,20 @@ def make_questions(chunks: dict[str, str], n: int, seed: int) -> list[dict]:
 
 
 def make_heldout(held: dict[str, list], spans: dict[str, list], n: int, seed: int) -> list[dict]:
-    """Up to n held-out lines of the indexed documents; gold: the chunks around the gap."""
+    """Up to n held-out questions of each kind (title, heldout) from the indexed documents;
+    gold: the chunks overlapping the question's range (the section, or the gap)."""
     rng = random.Random(seed + 1)
-    pool = [(source, hole, line) for source in sorted(spans) for hole, line in held.get(source, [])]
-    rng.shuffle(pool)
     questions = []
-    for source, hole, line in pool[:n]:
-        gold = [cid for cid, start, end in spans[source] if start <= hole and end >= hole - 1]
-        if gold:
-            questions.append({"kind": "heldout", "question": _norm(line), "gold": gold,
-                              "sentence": line.strip()})
+    for kind in QUESTION_KINDS[1:]:
+        pool = [(source, q) for source in sorted(spans) for q in held.get(source, [])
+                if q["kind"] == kind]
+        rng.shuffle(pool)
+        for source, q in pool[:n]:
+            gold = [cid for cid, start, end in spans[source]
+                    if start <= q["end"] and end >= q["start"] - 1]
+            if gold:
+                questions.append({"kind": kind, "question": q["question"], "gold": gold,
+                                  "sentence": q["sentence"]})
     return questions
 
 
@@ -284,14 +249,14 @@ async def run_async(args: argparse.Namespace, err) -> dict:
     from pagoda.client import LocalEmbeddings
     from pagoda.rag.kb import KnowledgeBases
     from pagoda.rag.loaders import load_bytes
-    from pagoda.rag.milvus_store import MilvusDatabase
+    from pagoda.rag.databases import open_database
     from pagoda.rag.store import Chunk, ChunkMeta
 
-    docs, held = load_corpus(args)
+    docs, held = load_corpus(args.corpus, args.seed, args.speeches_per_doc)
     with err.status(f"loading {EMBEDDER}"):
         embedder = TimedEmbedder(LocalEmbeddings.load(EMBEDDER))
     tmp = tempfile.TemporaryDirectory(prefix="pagoda-rag-bench-")
-    db = MilvusDatabase(Path(tmp.name) / "milvus.db")
+    db = open_database(str(Path(tmp.name) / STORES[args.store][0]))
     try:
         kbs = KnowledgeBases(db, Path(tmp.name) / "kb")
         kb = kbs.create("bench", embedder, embedder.dimension, chunk_size=args.chunk_size,
@@ -471,7 +436,7 @@ def summarize(args, raw: dict, machine: dict) -> dict:
     notes = [
         "quality (recall@5, nDCG@10) is measured on indexes of real chunks only",
         "ingest chunks/s = real chunks / wall time of KnowledgeBase.add over all real documents "
-        "(load, split, embed, store with a Milvus Lite flush per 64-chunk batch)",
+        "(load, split, embed, store: one store write per 64-chunk batch)",
     ]
     if fill["chunks"]:
         notes.append(
@@ -481,8 +446,8 @@ def summarize(args, raw: dict, machine: dict) -> dict:
     return {
         "benchmark": "rag_retrieval",
         "embedder": EMBEDDER,
-        "store": "Milvus Lite (temporary file)",
-        "corpus": "tinyshakespeare" + (" + python3.11-doc reST" if args.python_docs else ""),
+        "store": f"{STORES[args.store][1]} (temporary file)",
+        "corpus": args.corpus,
         "chunk_size": args.chunk_size,
         "chunk_overlap": args.chunk_overlap,
         "quality_chunks": q["chunks"],
@@ -563,9 +528,14 @@ def print_tables(result: dict) -> None:
                   f"pymilvus {m['pymilvus']} · {m['date']}[/dim]")
 
 
-def plot(result: dict, folder: Path) -> Path | None:
-    """rag_retrieval.png: quality per mode, and latency p50/p95 per mode vs chunks stored."""
-    plt = pyplot("rag_retrieval.png")
+def result_name(store: str) -> str:
+    """File stem of a run's results: one per store, so runs of both can sit side by side."""
+    return "rag_retrieval" if store == "milvus" else f"rag_retrieval-{store}"
+
+
+def plot(result: dict, folder: Path, name: str) -> Path | None:
+    """NAME.png: quality per mode, and latency p50/p95 per mode vs chunks stored."""
+    plt = pyplot(f"{name}.png")
     if plt is None:
         return None
     colours = {"keyword": "#7f8c8d", "dense": "#2980b9", "hybrid": "#c0392b"}
@@ -599,26 +569,22 @@ def plot(result: dict, folder: Path) -> Path | None:
     ax.set_title("query latency")
     ax.legend(fontsize=7)
     m = result["machine"]
-    fig.suptitle(f"Pagoda KB retrieval, {result['embedder']} + Milvus Lite, ingest "
+    fig.suptitle(f"Pagoda KB retrieval, {result['embedder']} + {result['store']}, ingest "
                  f"{result['ingest_chunks_s']} chunks/s — {m['cpu']}, {m['date'][:10]}",
                  fontsize=10)
     fig.tight_layout()
-    path = save_png(fig, folder / "rag_retrieval.png")
+    path = save_png(fig, folder / f"{name}.png")
     plt.close(fig)
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not DATA.is_file():
-        raise SystemExit(f"error: corpus not found at {DATA} (expected tinyshakespeare "
-                         "input.txt in the shared data folder next to the repository)")
-    if args.python_docs and python_docs_dir() is None:
-        load_corpus(args)  # exits with the message saying how to install it
     result = run(args)
     print_tables(result)
-    json_path = write_json(result, args.out / "rag_retrieval.json")
-    png_path = None if args.no_plot else plot(result, args.out)
+    name = result_name(args.store)
+    json_path = write_json(result, args.out / f"{name}.json")
+    png_path = None if args.no_plot else plot(result, args.out, name)
     print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""), file=sys.stderr)
     headline = copy.deepcopy({k: v for k, v in result.items()
                               if k not in ("machine", "method", "notes", "quality", "stages")})

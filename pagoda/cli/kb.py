@@ -1,6 +1,8 @@
 """`pagoda kb ...`: knowledge bases from the command line (create, add, list, show, delete,
-rm-doc, query, ask). Vectors go to Milvus Lite under $PAGODA_HOME unless PAGODA_MILVUS_URI
-names a Milvus server (with PAGODA_MILVUS_TOKEN if it needs one)."""
+rm-doc, query, ask). Vectors go to Milvus Lite under $PAGODA_HOME unless PAGODA_VECTOR_STORE
+names another database (`sqlite:///path/kb.sqlite`, a Milvus server URL, ...; see
+`pagoda.rag.databases`) or, as before, PAGODA_MILVUS_URI names a Milvus one (with
+PAGODA_MILVUS_TOKEN if it needs one)."""
 
 from __future__ import annotations
 
@@ -21,9 +23,14 @@ from pagoda.cli import add_verb
 from pagoda.client import HTTPChat, LocalChat, LocalEmbeddings
 from pagoda.errors import DocumentError
 from pagoda.rag.answer import ask
-from pagoda.rag.kb import KnowledgeBase, KnowledgeBases
-from pagoda.rag.milvus_store import MilvusDatabase
-from pagoda.rag.store import LANGUAGES
+from pagoda.rag.databases import open_database
+from pagoda.rag.kb import (
+    DEFAULT_CHUNK_OVERLAP,
+    DEFAULT_CHUNK_SIZE,
+    KnowledgeBase,
+    KnowledgeBases,
+)
+from pagoda.rag.store import LANGUAGES, VectorDatabase
 
 DEFAULT_EMBEDDER = "minilm-l6"
 DEFAULT_CHAT = "smollm2-135m-instruct"
@@ -48,8 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"embedding model (default {DEFAULT_EMBEDDER}, English; pulled on first use)")
     p.add_argument("--language", choices=LANGUAGES, default="en",
                    help="keyword-search analyzer: en, or zh (jieba) for Chinese")
-    p.add_argument("--chunk-size", type=int, default=200, help="tokens per chunk (200)")
-    p.add_argument("--chunk-overlap", type=int, default=30, help="tokens of overlap (30)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                   help=f"tokens per chunk ({DEFAULT_CHUNK_SIZE})")
+    p.add_argument("--chunk-overlap", type=int, default=DEFAULT_CHUNK_OVERLAP,
+                   help=f"tokens of overlap ({DEFAULT_CHUNK_OVERLAP})")
 
     p = add_verb(sub, "add", "add (or update) documents: txt, md, html, pdf, docx, csv, json",
                  "pagoda kb add hr-policies handbook.pdf faq.md", cmd_add)
@@ -94,9 +103,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------ plumbing
-def _database() -> MilvusDatabase:
-    return MilvusDatabase(os.environ.get("PAGODA_MILVUS_URI") or None,
-                          token=os.environ.get("PAGODA_MILVUS_TOKEN", ""))
+def _database() -> VectorDatabase:
+    uri = os.environ.get("PAGODA_VECTOR_STORE") or os.environ.get("PAGODA_MILVUS_URI") or None
+    return open_database(uri, token=os.environ.get("PAGODA_MILVUS_TOKEN", ""))
 
 
 def _with_kb(name: str, work: Callable[[KnowledgeBase], Awaitable[Any]]) -> Any:

@@ -65,6 +65,13 @@ class DocumentRecord:
     added: float
 
 
+# Chunks of 128 tokens: the length all-MiniLM was trained on (longer text dilutes its mean-pooled
+# vector), five of them fit a small chat model's prompt with room to answer, and embedding cost
+# grows faster than linearly with length. Overlap: about one sentence.
+DEFAULT_CHUNK_SIZE = 128
+DEFAULT_CHUNK_OVERLAP = 20
+
+
 @dataclass
 class Manifest:
     """Everything about a knowledge base except its vectors."""
@@ -74,8 +81,8 @@ class Manifest:
     dim: int
     language: str = "en"
     owner: str | None = None  # hash of the API key that created it; None: no auth
-    chunk_size: int = 200
-    chunk_overlap: int = 30
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
     created: float = field(default_factory=time.time)
     documents: dict[str, DocumentRecord] = field(default_factory=dict)
     pending: list[str] = field(default_factory=list)  # doc ids being written or deleted
@@ -262,8 +269,8 @@ class KnowledgeBases:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def create(self, name: str, embedder: EmbeddingClient, dim: int, language: str = "en",
-               owner: str | None = None, chunk_size: int = 200,
-               chunk_overlap: int = 30) -> KnowledgeBase:
+               owner: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+               chunk_overlap: int = DEFAULT_CHUNK_OVERLAP) -> KnowledgeBase:
         """A new, empty knowledge base embedding with `embedder` (vectors of `dim`)."""
         path = self._path(name)
         if path.exists():

@@ -3,8 +3,8 @@
 One collection per knowledge base. Milvus computes BM25 itself: the `text` field carries an
 analyzer (standard for English, jieba for Chinese) and a BM25 function fills the sparse `bm25`
 field on insert, so keyword search sends raw text and the corpus statistics stay in Milvus.
-Hybrid search is one `hybrid_search` call whose RRFRanker (k=60) fuses the dense and BM25
-rankings server-side. The same code serves `milvus.db` (Milvus Lite, in-process) and
+Hybrid search fuses the dense and BM25 rankings in Pagoda (`store.hybrid_search`), the same
+way for every backend. The same code serves `milvus.db` (Milvus Lite, in-process) and
 `http://host:19530` (a Milvus server or cluster, optionally with a token).
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -20,41 +19,44 @@ from pathlib import Path
 
 import numpy as np
 from pymilvus import (
-    AnnSearchRequest,
     DataType,
     Function,
     FunctionType,
     MilvusClient,
     MilvusException,
-    RRFRanker,
 )
 
 from pagoda.paths import pagoda_home
 from pagoda.rag.store import (
-    LANGUAGES,
-    RRF_K,
+    COLLECTION_NAME,
+    ENGLISH_STOP_WORDS,
+    MAX_TEXT_BYTES,
     Chunk,
     ChunkMeta,
     CollectionExistsError,
     CollectionNotFoundError,
-    DimensionMismatchError,
     Filter,
     Hit,
     InvalidStoreRequestError,
     StoreError,
     StoreUnavailableError,
+    as_vector,
+    check_dim,
+    check_name,
+    check_new_collection,
+    check_text,
+    hybrid_search,
+    one_line,
 )
 
 # Analyzer parameters per language, in the form both Milvus and Milvus Lite read. `zh` is what
 # Milvus' built-in "chinese" analyzer expands to (jieba tokenizer, keep CJK letters and digits);
 # Milvus Lite understands only the tokenizer part, which is the part that matters.
 ANALYZERS: dict[str, dict] = {
-    "en": {"tokenizer": "standard", "filter": ["lowercase"]},
+    "en": {"tokenizer": "standard",
+           "filter": ["lowercase", {"type": "stop", "stop_words": sorted(ENGLISH_STOP_WORDS)}]},
     "zh": {"tokenizer": "jieba", "filter": ["cnalphanumonly"]},
 }
-FUSION_DEPTH = 50  # each ranking fused by hybrid search holds this many candidates (or k if more)
-MAX_TEXT_BYTES = 65_535  # Milvus' VARCHAR limit
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 _OUTPUT = ["doc_id", "text", "source", "page", "headings", "char_start", "char_end", "vector"]
 # Milvus Lite's engine is single-writer per collection; one lock for the process is simpler and
 # costs nothing that matters (ingest is bound by the embedder).
@@ -70,25 +72,13 @@ def _is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "tcp://", "unix:"))
 
 
-def _one_line(err: BaseException) -> str:
-    text = getattr(err, "message", None) or str(err) or type(err).__name__
-    return " ".join(str(text).split())
-
-
 @contextmanager
 def _failures(what: str) -> Iterator[None]:
     """Turn a Milvus exception into a one-line StoreError saying what was being done."""
     try:
         yield
     except MilvusException as err:
-        raise StoreError(f"Milvus could not {what}: {_one_line(err)}") from err
-
-
-def _check_name(name: str) -> None:
-    if not _NAME.fullmatch(name):
-        raise InvalidStoreRequestError(
-            f"invalid collection name {name!r}: use letters, digits and underscores, "
-            "starting with a letter or underscore (at most 255 characters)")
+        raise StoreError(f"Milvus could not {what}: {one_line(err)}") from err
 
 
 def _literal_list(values: Sequence[str]) -> str:
@@ -141,24 +131,16 @@ class MilvusStore:
             gone = not self._client.has_collection(collection_name=self.name)
         except MilvusException:
             return StoreUnavailableError(
-                f"lost the Milvus connection during {method} on {self.name!r}: {_one_line(err)}")
+                f"lost the Milvus connection during {method} on {self.name!r}: {one_line(err)}")
         if gone:
             return CollectionNotFoundError(f"vector collection {self.name!r} no longer exists")
-        return StoreError(f"Milvus {method} on {self.name!r} failed: {_one_line(err)}")
+        return StoreError(f"Milvus {method} on {self.name!r} failed: {one_line(err)}")
 
     def _vector(self, vector: Sequence[float]) -> list[float]:
-        array = np.asarray(vector, dtype=np.float32)
-        if array.shape != (self.dim,):
-            raise DimensionMismatchError(
-                f"vector of shape {array.shape} for collection {self.name!r}, which holds "
-                f"{self.dim}-dimensional vectors (was it built with another embedder?)")
-        return array.tolist()
+        return as_vector(vector, self.name, self.dim).tolist()
 
     def _row(self, chunk: Chunk) -> dict:
-        if len(chunk.text.encode()) > MAX_TEXT_BYTES:
-            raise InvalidStoreRequestError(
-                f"chunk {chunk.id!r} has {len(chunk.text.encode())} bytes of text; the store "
-                f"takes at most {MAX_TEXT_BYTES} (split the document into smaller chunks)")
+        check_text(chunk)
         meta = chunk.meta
         return {"id": chunk.id, "doc_id": chunk.doc_id, "text": chunk.text,
                 "vector": self._vector(chunk.vector), "source": meta.source,
@@ -213,19 +195,8 @@ class MilvusStore:
 
     def hybrid_search(self, query: str, vector: Sequence[float], k: int = 5,
                       where: Filter | None = None) -> list[Hit]:
-        """Dense and keyword rankings fused by reciprocal-rank fusion (k=60), inside Milvus."""
-        if not query.strip():
-            return self.dense_search(vector, k, where)
-        depth, expr = max(k, FUSION_DEPTH), filter_expression(where)
-        requests = [
-            AnnSearchRequest(data=[self._vector(vector)], anns_field="vector",
-                             param={"metric_type": "COSINE"}, limit=depth, expr=expr),
-            AnnSearchRequest(data=[query], anns_field="bm25", param={"metric_type": "BM25"},
-                             limit=depth, expr=expr),
-        ]
-        found = self._call("hybrid_search", reqs=requests, ranker=RRFRanker(RRF_K), limit=k,
-                           output_fields=_OUTPUT)
-        return [_hit(raw) for raw in found[0]]
+        """Dense and keyword rankings fused by relative score fusion (`store.hybrid_search`)."""
+        return hybrid_search(self, query, vector, k, where)
 
 
 class MilvusDatabase:
@@ -250,18 +221,13 @@ class MilvusDatabase:
                     "pagoda command or server using it? To share one, run a Milvus server"
                     if self._embedded else "is the server running and the URI right?")
             raise StoreUnavailableError(
-                f"cannot open Milvus at {self.uri}: {_one_line(err)} ({hint})") from err
+                f"cannot open Milvus at {self.uri}: {one_line(err)} ({hint})") from err
         finally:
             lite_log.disabled = lite_log_was_disabled
 
     def create(self, name: str, dim: int, language: str = "en") -> MilvusStore:
         """A new empty collection; `language` picks the keyword analyzer ("en" or "zh")."""
-        _check_name(name)
-        if language not in LANGUAGES:
-            raise InvalidStoreRequestError(
-                f"unknown language {language!r} for keyword search; use one of {list(LANGUAGES)}")
-        if dim < 1:
-            raise InvalidStoreRequestError(f"vector dimension must be positive, got {dim}")
+        check_new_collection(name, dim, language)
         if self.exists(name):
             raise CollectionExistsError(f"vector collection {name!r} already exists")
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -288,23 +254,20 @@ class MilvusDatabase:
 
     def open(self, name: str, dim: int | None = None) -> MilvusStore:
         """An existing collection; with `dim`, check that its vectors have that size."""
-        _check_name(name)
+        check_name(name)
         if not self.exists(name):
             raise CollectionNotFoundError(f"no vector collection named {name!r} at {self.uri}")
         with _failures(f"describe {name!r}"):
             fields = self._client.describe_collection(collection_name=name)["fields"]
         stored = int(next(f for f in fields if f["name"] == "vector")["params"]["dim"])
-        if dim is not None and dim != stored:
-            raise DimensionMismatchError(
-                f"collection {name!r} holds {stored}-dimensional vectors, not {dim} "
-                "(was it built with another embedder?)")
+        check_dim(name, stored, dim)
         with _failures(f"load {name!r}"):
             self._client.load_collection(collection_name=name)
         return MilvusStore(self._client, name, stored, embedded=self._embedded)
 
     def exists(self, name: str) -> bool:
         """Whether a collection of that name exists."""
-        if not _NAME.fullmatch(name):
+        if not COLLECTION_NAME.fullmatch(name):
             return False
         with _failures("list collections"):
             return self._client.has_collection(collection_name=name)

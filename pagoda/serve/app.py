@@ -59,7 +59,7 @@ class ServeState:
         self.token_strings = TokenStrings(loaded.tokenizer)
         self.scorer = PromptScorer(loaded.model)
         self.embedder = EmbedderSlot(settings.embedding_model, settings.embedding_aliases)
-        self.knowledge = KnowledgeBaseService(self.embedder, settings.milvus_uri,
+        self.knowledge = KnowledgeBaseService(self.embedder, settings.vector_store_uri,
                                               settings.kb_dir, settings.max_upload_mb * 2**20)
         self.constraints = ConstraintFactory.for_tokenizer(loaded.tokenizer,
                                                            loaded.model.cfg.vocab_size)

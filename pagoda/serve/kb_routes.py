@@ -3,8 +3,9 @@ remove documents, query).
 
 A knowledge base belongs to the API key that created it (stored as a hash); other keys get 404,
 as if it did not exist. The server owns the vector database (Milvus Lite allows one process per
-file), opened on first use, and the embedding model of /v1/embeddings. Writes to one knowledge
-base are serialised by a lock; ingest runs on a worker thread so streaming chats keep flowing.
+file; a SQLite file may be shared), opened on first use, and the embedding model of
+/v1/embeddings. Writes to one knowledge base are serialised by a lock; ingest runs on a worker
+thread so streaming chats keep flowing.
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ from fastapi import APIRouter, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagoda.errors import DocumentError, PagodaError
-from pagoda.rag.kb import MODES, KnowledgeBase, KnowledgeBases, Manifest
-from pagoda.rag.milvus_store import MilvusDatabase
+from pagoda.rag.databases import open_database
+from pagoda.rag.kb import (
+    DEFAULT_CHUNK_OVERLAP,
+    DEFAULT_CHUNK_SIZE,
+    MODES,
+    KnowledgeBase,
+    KnowledgeBases,
+    Manifest,
+)
 from pagoda.rag.store import LANGUAGES, Hit
 from pagoda.serve.embeddings import EmbedderSlot
 
@@ -35,8 +43,8 @@ class KnowledgeBaseCreate(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: str
     language: str = Field(default="en", pattern="^(" + "|".join(LANGUAGES) + ")$")
-    chunk_size: int = Field(default=200, ge=16, le=2048)
-    chunk_overlap: int = Field(default=30, ge=0, le=512)
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=16, le=2048)
+    chunk_overlap: int = Field(default=DEFAULT_CHUNK_OVERLAP, ge=0, le=512)
 
 
 class KnowledgeBaseQuery(BaseModel):
@@ -63,7 +71,7 @@ class KnowledgeBaseService:
     async def registry(self) -> KnowledgeBases:
         async with self._init:
             if self._kbs is None:
-                db = await asyncio.to_thread(MilvusDatabase, self.uri)
+                db = await asyncio.to_thread(open_database, self.uri)
                 self._kbs = KnowledgeBases(db, self.root)
             return self._kbs
 

@@ -61,8 +61,11 @@ class ServeSettings:
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
     # Other names embedding clients may send for it (OpenAI SDK defaults).
     embedding_aliases: list[str] = field(default_factory=lambda: list(EMBEDDING_ALIASES))
-    # Vector database of the knowledge bases: None is Milvus Lite under $PAGODA_HOME, or a
-    # Milvus server URI such as http://milvus:19530.
+    # Vector database of the knowledge bases: None is Milvus Lite under $PAGODA_HOME; else a URI
+    # of pagoda.rag.databases.open_database: sqlite:///path/kb.sqlite (one file several
+    # processes share), a Milvus Lite .db path, or a Milvus server such as http://milvus:19530.
+    vector_store: str | None = None
+    # The older name of vector_store, still read; vector_store wins when both are set.
     milvus_uri: str | None = None
     # Folder of the knowledge-base manifests; None: $PAGODA_HOME/kb.
     kb_dir: str | None = None
@@ -121,6 +124,11 @@ class ServeSettings:
                               f"got {self.default_max_tokens!r}")
         if not isinstance(self.engine, dict):
             raise ConfigError("engine must be a table of EngineConfig fields")
+
+    @property
+    def vector_store_uri(self) -> str | None:
+        """The knowledge bases' vector database: vector_store, else milvus_uri, else None."""
+        return self.vector_store or self.milvus_uri
 
     @property
     def auth_enabled(self) -> bool:

@@ -13,10 +13,14 @@ from pagoda.cli import main
 pytestmark = pytest.mark.real_model
 
 
-@pytest.fixture
-def kb_name(monkeypatch, tmp_path):
-    """A fresh knowledge-base name in a Milvus Lite file of its own; deleted afterwards."""
-    monkeypatch.setenv("PAGODA_MILVUS_URI", str(tmp_path / "milvus.db"))
+@pytest.fixture(params=["milvus", "sqlite"])
+def kb_name(request, monkeypatch, tmp_path):
+    """A fresh knowledge-base name in a vector database file of its own, Milvus Lite (through
+    the older PAGODA_MILVUS_URI) or SQLite (PAGODA_VECTOR_STORE); deleted afterwards."""
+    if request.param == "milvus":
+        monkeypatch.setenv("PAGODA_MILVUS_URI", str(tmp_path / "milvus.db"))
+    else:
+        monkeypatch.setenv("PAGODA_VECTOR_STORE", f"sqlite:{tmp_path / 'kb.sqlite'}")
     name = f"test-{uuid.uuid4().hex[:8]}"
     yield name
     main(["kb", "delete", name])

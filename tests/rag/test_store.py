@@ -1,6 +1,7 @@
 """The vector store on real text (Shakespeare speeches) with deterministic hashed bag-of-words
-vectors: Milvus Lite in-process, a reopen from another process, and the same code against
-`python -m milvus_lite server` over gRPC."""
+vectors. The behaviour tests run on both backends (the `db` fixture: Milvus Lite in-process and
+SQLite); the Milvus-only ones cover a reopen from another process, the file lock and the same
+code against `python -m milvus_lite server` over gRPC. SQLite-only tests: test_sqlite_store.py."""
 
 from __future__ import annotations
 
@@ -18,14 +19,12 @@ import numpy as np
 import pytest
 
 from pagoda.errors import PagodaError
-from pagoda.rag.milvus_store import (
-    ANALYZERS,
-    FUSION_DEPTH,
-    MilvusDatabase,
-    default_uri,
-    filter_expression,
-)
+from pagoda.rag.milvus_store import ANALYZERS, MilvusDatabase, default_uri, filter_expression
+from pagoda.rag.sqlite_store import SqliteDatabase
 from pagoda.rag.store import (
+    DENSE_WEIGHT,
+    ENGLISH_STOP_WORDS,
+    FUSION_DEPTH,
     LANGUAGES,
     Chunk,
     ChunkMeta,
@@ -35,7 +34,7 @@ from pagoda.rag.store import (
     Filter,
     InvalidStoreRequestError,
     StoreUnavailableError,
-    rrf,
+    relative_score_fusion,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,9 +90,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def db(tmp_path_factory):
-    database = MilvusDatabase(tmp_path_factory.mktemp("milvus") / "kb.db")
+BACKENDS = {"milvus": lambda folder: MilvusDatabase(folder / "kb.db"),
+            "sqlite": lambda folder: SqliteDatabase(folder / "kb.sqlite")}
+
+
+@pytest.fixture(scope="module", params=sorted(BACKENDS))
+def db(request, tmp_path_factory):
+    database = BACKENDS[request.param](tmp_path_factory.mktemp(request.param))
     yield database
     database.close()
 
@@ -110,14 +113,19 @@ def plays(db, chunks):
     return store
 
 
-def test_rrf_sums_reciprocal_ranks():
-    fused = rrf([["a", "b", "c"], ["c", "a", "d"]])
-    assert [item for item, _ in fused] == ["a", "c", "b", "d"]
-    assert dict(fused) == pytest.approx(
-        {"a": 1 / 61 + 1 / 62, "c": 1 / 63 + 1 / 61, "b": 1 / 62, "d": 1 / 63})
-    assert rrf([["x"]], k=0) == [("x", 1.0)]
-    assert rrf([["a"], ["b"]]) == [("a", 1 / 61), ("b", 1 / 61)]  # ties: first seen first
-    assert rrf([]) == []
+def test_relative_score_fusion_scales_each_ranking_then_weights_and_sums():
+    fused = relative_score_fusion([[("a", 0.9), ("b", 0.5), ("c", 0.1)],
+                                   [("c", 12.0), ("d", 4.0), ("a", 2.0)]], [0.5, 0.5])
+    assert dict(fused) == pytest.approx({"a": 0.5 * 1.0 + 0.5 * 0.0, "b": 0.5 * 0.5,
+                                         "c": 0.5 * 0.0 + 0.5 * 1.0, "d": 0.5 * 0.2})
+    assert [item for item, _ in fused] == ["a", "c", "b", "d"]  # ties: first seen first
+    # a BM25 hit far ahead of the rest beats the dense top hit when its dense score is close
+    # (RRF would rank them by position alone and tie them)
+    fused = relative_score_fusion([[("x", 0.61), ("z", 0.605), ("y", 0.60), ("w", 0.30)],
+                                   [("z", 30.0), ("x", 3.0), ("y", 2.0)]], [0.5, 0.5])
+    assert fused[0][0] == "z"
+    assert relative_score_fusion([[("x", 2.0)]], [1.0]) == [("x", 1.0)]  # one candidate: top
+    assert relative_score_fusion([[], []], [0.5, 0.5]) == []
 
 
 def test_filters_become_quoted_milvus_expressions():
@@ -154,6 +162,14 @@ def test_keyword_query_is_found_by_bm25(plays, chunks):
     assert plays.keyword_search("   ") == []
 
 
+def test_english_stop_words_are_not_indexed(plays, chunks):
+    assert plays.keyword_search("the and of it is not to be", k=N_CHUNKS) == []
+    # "the" adds nothing: the same chunks in the same order as for "good" alone
+    good = [h.id for h in plays.keyword_search("good", k=N_CHUNKS)]
+    assert [h.id for h in plays.keyword_search("the good", k=N_CHUNKS)] == good
+    assert {"the", "and", "it's", "yourselves"} <= ENGLISH_STOP_WORDS
+
+
 def test_near_duplicate_vector_is_found_by_dense_search(plays, chunks):
     target = chunks[42]
     noisy = target.vector + 0.05 * np.random.default_rng(0).standard_normal(DIM)
@@ -169,11 +185,11 @@ def test_hybrid_returns_the_keyword_hit_and_the_dense_hit(plays, chunks):
     assert {h.id for h in hits} == {owner.id, other.id}
 
 
-def test_hybrid_scores_are_rrf_of_the_dense_and_bm25_rankings(plays, chunks):
+def test_hybrid_scores_fuse_the_dense_and_bm25_rankings(plays, chunks):
     query, vector = "good citizens of Rome", chunks[10].vector
-    dense = [h.id for h in plays.dense_search(vector, k=FUSION_DEPTH)]
-    keyword = [h.id for h in plays.keyword_search(query, k=FUSION_DEPTH)]
-    expected = rrf([dense, keyword])
+    dense = [(h.id, h.score) for h in plays.dense_search(vector, k=FUSION_DEPTH)]
+    keyword = [(h.id, h.score) for h in plays.keyword_search(query, k=FUSION_DEPTH)]
+    expected = relative_score_fusion([dense, keyword], [DENSE_WEIGHT, 1 - DENSE_WEIGHT])
     hits = plays.hybrid_search(query, vector, k=8)
     assert [h.score for h in hits] == pytest.approx([s for _, s in expected[:8]], rel=1e-5)
     assert all(h.score == pytest.approx(dict(expected)[h.id], rel=1e-5) for h in hits)
@@ -233,7 +249,7 @@ def test_chinese_collection_uses_the_jieba_analyzer(db):
     assert {h.id for h in store.hybrid_search("幻觉", vectors[0], k=2)} == {"zh0", "zh3"}
 
 
-def test_errors_are_pagoda_errors_on_one_line(db, plays, tmp_path):
+def test_errors_are_pagoda_errors_on_one_line(db, plays):
     cases = [
         (CollectionNotFoundError, lambda: db.open("missing_kb")),
         (CollectionExistsError, lambda: db.create("plays", DIM)),
@@ -246,7 +262,6 @@ def test_errors_are_pagoda_errors_on_one_line(db, plays, tmp_path):
         (DimensionMismatchError, lambda: plays.hybrid_search("citizens", [1.0, 0.0])),
         (InvalidStoreRequestError, lambda: plays.add(
             [Chunk(id="big", doc_id="big", text="x" * 70_000, vector=np.ones(DIM))])),
-        (InvalidStoreRequestError, lambda: MilvusDatabase(tmp_path / "folder")),
     ]
     for error, call in cases:
         with pytest.raises(error) as info:
@@ -255,6 +270,11 @@ def test_errors_are_pagoda_errors_on_one_line(db, plays, tmp_path):
     assert db.open("plays", dim=DIM).count() == N_CHUNKS  # nothing half-added
     with pytest.raises(CollectionNotFoundError, match="missing_kb"):
         db.open("missing_kb")
+
+
+def test_a_milvus_lite_path_must_end_in_db(tmp_path):
+    with pytest.raises(InvalidStoreRequestError, match="neither a server"):
+        MilvusDatabase(tmp_path / "folder")
 
 
 def test_an_unreachable_server_is_one_readable_line():

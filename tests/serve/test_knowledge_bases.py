@@ -11,13 +11,25 @@ LEAVE = b"# Parental leave\n\nEmployees get 16 weeks of paid parental leave.\n"
 OFFICE = b"# Office\n\nThe office closes between Christmas and New Year.\n"
 
 
-@pytest.fixture
-def server(start_server, tiny, tmp_path):
+@pytest.fixture(params=["milvus", "sqlite"])
+def server(request, start_server, tiny, tmp_path):
     from pagoda.serve import ServeSettings
 
-    settings = ServeSettings(api_keys=["sk-a", "sk-b"], milvus_uri=str(tmp_path / "kb.db"),
-                             kb_dir=str(tmp_path / "kb"), max_upload_mb=1)
+    store = ({"milvus_uri": str(tmp_path / "kb.db")} if request.param == "milvus"
+             else {"vector_store": f"sqlite:{tmp_path / 'kb.sqlite'}"})
+    settings = ServeSettings(api_keys=["sk-a", "sk-b"], kb_dir=str(tmp_path / "kb"),
+                             max_upload_mb=1, **store)
     return start_server(tiny, settings)
+
+
+def test_vector_store_is_the_newer_name_of_milvus_uri_and_wins():
+    from pagoda.serve import ServeSettings
+
+    assert ServeSettings().vector_store_uri is None
+    assert ServeSettings(milvus_uri="http://milvus:19530").vector_store_uri == (
+        "http://milvus:19530")
+    assert ServeSettings(milvus_uri="old.db", vector_store="sqlite:kb.sqlite").vector_store_uri == (
+        "sqlite:kb.sqlite")
 
 
 def auth(key: str) -> dict[str, str]:
