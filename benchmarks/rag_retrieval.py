@@ -247,9 +247,9 @@ async def run_async(args: argparse.Namespace, err) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pagoda.client import LocalEmbeddings
+    from pagoda.rag.databases import open_database
     from pagoda.rag.kb import KnowledgeBases
     from pagoda.rag.loaders import load_bytes
-    from pagoda.rag.databases import open_database
     from pagoda.rag.store import Chunk, ChunkMeta
 
     docs, held = load_corpus(args.corpus, args.seed, args.speeches_per_doc)
@@ -436,7 +436,7 @@ def summarize(args, raw: dict, machine: dict) -> dict:
     notes = [
         "quality (recall@5, nDCG@10) is measured on indexes of real chunks only",
         "ingest chunks/s = real chunks / wall time of KnowledgeBase.add over all real documents "
-        "(load, split, embed, store: one store write per 64-chunk batch)",
+        "(load, split, embed, store: one store write per 256-chunk batch)",
     ]
     if fill["chunks"]:
         notes.append(

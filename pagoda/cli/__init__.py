@@ -28,9 +28,20 @@ def add_verb(subparsers: argparse._SubParsersAction, name: str, help: str, examp
     return parser
 
 
+def add_group(subparsers: argparse._SubParsersAction, name: str, help: str, description: str,
+              example: str) -> argparse._SubParsersAction:
+    """Register a verb made of commands (`pagoda NAME COMMAND`); alone it prints its help."""
+    group = subparsers.add_parser(
+        name, help=help, description=description,
+        epilog=f"example:\n  {example}\nevery command takes --json (machine-readable output) "
+        "and --help", formatter_class=argparse.RawDescriptionHelpFormatter)
+    group.set_defaults(handler=lambda _: group.print_help() or 2, debug=False)
+    return group.add_subparsers(title="commands", metavar="COMMAND")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full `pagoda` parser with every verb registered."""
-    from pagoda.cli import generate, kb, models, serve
+    from pagoda.cli import data, generate, kb, models, pretrain, serve, tokenizer
 
     parser = argparse.ArgumentParser(
         prog="pagoda", description="Pagoda: the whole LLM stack in one hackable codebase.",
@@ -38,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"pagoda {__version__}")
     subparsers = parser.add_subparsers(title="verbs", metavar="VERB")
-    for module in (models, generate, serve, kb):
+    for module in (models, generate, serve, kb, tokenizer, data, pretrain):
         module.register(subparsers)
     return parser
 

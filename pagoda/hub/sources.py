@@ -12,6 +12,9 @@ from typing import Literal
 
 from pagoda.errors import ModelNotFoundError
 
+# Pagoda's own config file, saved with every model (the only one for configs HF lacks).
+PAGODA_CONFIG = "pagoda_config.json"
+
 ModelFormat = Literal["gguf", "hf"]
 
 HF_PREFIX = "hf:"
@@ -119,10 +122,12 @@ def parse_hf_name(name: str) -> HFHubSource:
 
 
 def is_local_model(path: Path) -> bool:
-    """True for a .gguf file or a folder with config.json or a .gguf inside."""
+    """True for a .gguf file or a folder with config.json (pagoda_config.json for configs
+    Hugging Face lacks) or a .gguf inside."""
     if path.is_file():
         return path.suffix == ".gguf"
-    return path.is_dir() and ((path / "config.json").exists() or any(path.glob("*.gguf")))
+    return path.is_dir() and ((path / "config.json").exists() or
+                              (path / PAGODA_CONFIG).exists() or any(path.glob("*.gguf")))
 
 
 def find_source(name_or_path: str) -> Source:

@@ -37,6 +37,7 @@ from pagoda.errors import ModelNotFoundError, PullError
 from pagoda.hub.sources import (
     HF_ALLOW_PATTERNS,
     KNOWN_MODELS,
+    PAGODA_CONFIG,
     HFHubSource,
     LocalSource,
     ModelFormat,
@@ -44,7 +45,7 @@ from pagoda.hub.sources import (
     Source,
     find_source,
 )
-from pagoda.paths import models_dir
+from pagoda.paths import fsync_path, models_dir
 
 MANIFEST = "pagoda-source.json"
 _TMP_PREFIX = ".tmp-"
@@ -101,7 +102,7 @@ def pull(name: str, *, force: bool = False, progress: bool = True) -> Path:
         if folder.exists():  # force: move the old copy aside; the temp dir deletes it
             os.replace(folder, Path(tmp) / "old")
         os.replace(staging, folder)
-        _fsync_dir(root)
+        fsync_path(root)
     return folder
 
 
@@ -123,7 +124,7 @@ def resolve(name_or_path: str, *, pull_if_missing: bool = True) -> Path:
 def model_file(path: Path) -> Path:
     """What a loader opens: the .gguf of a GGUF model, or the folder itself for HF layout."""
     path = Path(path)
-    if path.is_file() or (path / "config.json").exists():
+    if path.is_file() or (path / "config.json").exists() or (path / PAGODA_CONFIG).exists():
         return path
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
@@ -331,12 +332,6 @@ def _sha256_hex(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _progress(enabled: bool) -> Progress:

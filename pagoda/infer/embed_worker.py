@@ -36,8 +36,11 @@ class AsyncEmbedder:
         return await asyncio.wrap_future(future)
 
     def shutdown(self) -> None:
-        """Stop the worker once the jobs already queued are done."""
+        """Stop the worker once the jobs already queued are done, and wait for it: a thread
+        still inside torch when the interpreter exits aborts the process."""
         self._jobs.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join()
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:

@@ -58,6 +58,7 @@ class ModelConfig:
 
     norm: Norm = "rmsnorm"
     norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm's additive bias (nanoGPT's bias=False drops it)
     # "pre": x + f(norm(x)) (GPT-2, Llama); "post": norm(x + f(x)) (original Transformer, BERT).
     norm_position: Literal["pre", "post"] = "pre"
     # A norm after the last block (pre-norm models need it; post-norm models already end normed).

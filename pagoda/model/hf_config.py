@@ -144,7 +144,7 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf-model") -> ModelConfig:
 def hf_compatible(cfg: ModelConfig) -> bool:
     """Whether `transformers` has a class that computes exactly this config."""
     shared = not cfg.n_experts and not cfg.scale_embeddings and \
-        "freq_factors" not in (cfg.rope_scaling or {})
+        "freq_factors" not in (cfg.rope_scaling or {}) and (cfg.norm_bias or cfg.norm == "rmsnorm")
     mha = cfg.kv_heads == cfg.n_head and cfg.dim_head * cfg.n_head == cfg.d_model
     biased = cfg.attn_qkv_bias and cfg.attn_out_bias and cfg.ffn_bias
     if cfg.arch in ("bert", "xlm-roberta"):

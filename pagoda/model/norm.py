@@ -26,4 +26,4 @@ def build_norm(cfg: ModelConfig) -> nn.Module:
     """The norm layer the config asks for, of width d_model."""
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.norm_bias)

@@ -79,10 +79,10 @@ PRESETS: dict[str, ModelConfig] = {
                     gated_ffn=False, attn_qkv_bias=True, attn_out_bias=True, ffn_bias=True,
                     dropout=0.1),
         # --- small models for experiments and tests --------------------------------------
-        # nanoGPT's character-level Shakespeare "baby GPT".
+        # nanoGPT's character-level Shakespeare "baby GPT" (bias=False: no bias anywhere).
         ModelConfig(name="baby-gpt", arch="gpt2", vocab_size=65, max_seq_len=256, d_model=384,
                     n_layer=6, n_head=6, d_ff=1536, pos_encoding="learned", norm="layernorm",
-                    activation="gelu", gated_ffn=False, dropout=0.2),
+                    norm_bias=False, activation="gelu", gated_ffn=False, dropout=0.2),
         _llama("tiny-llama", vocab_size=512, max_seq_len=256, d_model=64, n_layer=2, n_head=4,
                n_kv_head=2, d_ff=128),
         _llama("tiny-moe", vocab_size=512, max_seq_len=256, d_model=64, n_layer=2, n_head=4,

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pagoda.errors import ConfigError
 from pagoda.model.attention import Attention
@@ -59,6 +60,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.final_norm = build_norm(cfg) if cfg.final_norm else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if cfg.lm_head else None
+        # Training switch: recompute each block's activations in backward instead of storing them.
+        self.checkpoint_blocks = False
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self._build_position_tables()
@@ -130,7 +133,10 @@ class Transformer(nn.Module):
         mask = (cache.attention_mask(T) if cache is not None
                 else self._self_attention_mask(T, idx.device, attention_mask))
         for block in self.layers:
-            x = block(x, rope, cache, mask)
+            if self.checkpoint_blocks and self.training and cache is None:
+                x = checkpoint(block, x, rope, cache, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, mask)
         if cache is not None:
             cache.advance(T)
         if keep is not None:

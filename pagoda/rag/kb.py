@@ -14,6 +14,7 @@ a crash mid-ingest leaves the knowledge base as it was before that document, nev
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -29,11 +30,12 @@ from pagoda.client import EmbeddingClient
 from pagoda.errors import DocumentError, InvalidRequestError, PagodaError
 from pagoda.paths import pagoda_home
 from pagoda.rag.loaders import load_bytes
+from pagoda.rag.splitter import Chunk as Piece
 from pagoda.rag.splitter import Splitter
 from pagoda.rag.store import Chunk, ChunkMeta, Filter, Hit, VectorDatabase, VectorStore
 
 _NAME = re.compile(r"[\w-][\w.-]{0,63}")  # letters of any script, digits, _ . - (no dot first)
-EMBED_BATCH = 64  # chunks per embedding call (progress is reported per batch)
+EMBED_BATCH = 256  # chunks per embedding call (sorted by length inside it; progress per batch)
 MODES = ("hybrid", "dense", "keyword")
 # Embedders trained with instruction prefixes (E5): (query prefix, passage prefix).
 PREFIXES: dict[str, tuple[str, str]] = {"e5-small-multilingual": ("query: ", "passage: ")}
@@ -157,14 +159,7 @@ class KnowledgeBase:
             raise DocumentError(f"{source}: there is no text to index")
         doc_id = hashlib.sha256(f"{source}\0{digest}".encode()).hexdigest()[:32]
         self._set_pending([doc_id])
-        for start in range(0, len(pieces), EMBED_BATCH):
-            batch = pieces[start:start + EMBED_BATCH]
-            vectors = await self._embed([p.text for p in batch], passage=True)
-            self.store.add([Chunk(f"{doc_id}:{start + i}", doc_id, p.text, v,
-                                  ChunkMeta(p.source, p.page, p.heading_path, p.start, p.end))
-                            for i, (p, v) in enumerate(zip(batch, vectors, strict=True))])
-            if progress:
-                progress(start + len(batch), len(pieces))
+        await self._store_pieces(doc_id, pieces, progress)
         self.manifest.documents[source] = DocumentRecord(source, digest, doc_id, len(pieces),
                                                          document.format, time.time())
         self._set_pending([old.doc_id] if old else [])  # the commit point
@@ -172,6 +167,31 @@ class KnowledgeBase:
             self.store.delete_document(old.doc_id)
             self._set_pending([])
         return AddResult(source, "updated" if old else "added", len(pieces))
+
+    async def _store_pieces(self, doc_id: str, pieces: Sequence[Piece],
+                            progress: Callable[[int, int], None] | None) -> None:
+        """Embed and store a document's pieces EMBED_BATCH at a time; the next batch embeds
+        (on the embedder's thread or server) while this one is written to the store."""
+        starts = range(0, len(pieces), EMBED_BATCH)
+
+        def embed(start: int) -> asyncio.Task:
+            texts = [p.text for p in pieces[start:start + EMBED_BATCH]]
+            return asyncio.ensure_future(self._embed(texts, passage=True))
+
+        pending = embed(0)
+        try:
+            for start in starts:
+                vectors = await pending
+                if start + EMBED_BATCH < len(pieces):
+                    pending = embed(start + EMBED_BATCH)
+                batch = pieces[start:start + EMBED_BATCH]
+                self.store.add([Chunk(f"{doc_id}:{start + i}", doc_id, p.text, v,
+                                      ChunkMeta(p.source, p.page, p.heading_path, p.start, p.end))
+                                for i, (p, v) in enumerate(zip(batch, vectors, strict=True))])
+                if progress:
+                    progress(start + len(batch), len(pieces))
+        finally:
+            pending.cancel()  # a failed write leaves no embedding running for nothing
 
     async def add_file(self, path: str | Path,
                        progress: Callable[[int, int], None] | None = None) -> AddResult:

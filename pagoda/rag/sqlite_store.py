@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pagoda.rag import store  # the errors and checks every backend shares
 from pagoda.rag.store import (
@@ -46,6 +47,11 @@ from pagoda.rag.store import (
     Hit,
 )
 
+# A keyword query keeps its MAX_QUERY_TERMS rarest terms. FTS5 scores every chunk that holds any
+# query term, so the commonest terms of a long question (the lowest IDF, the least weight in
+# BM25) cost most of the time: at 100k chunks, capping a sentence-long query at 10 terms halves
+# the p95 (Lucene's MoreLikeThis keeps the top max_query_terms by the same reasoning).
+MAX_QUERY_TERMS = 10
 BUSY_TIMEOUT_S = 30.0  # how long a write waits for another process's write before giving up
 # unicode61 keeps letters and digits of every script together (a CJK word stays one token) and
 # splits on the rest; `_` is a word character for `\w` too. No diacritic folding: Milvus has none.
@@ -86,6 +92,16 @@ def analyze(text: str, language: str) -> list[str]:
 def _match(terms: Sequence[str]) -> str:
     """An FTS5 query matching any of the terms, each a quoted string (no FTS5 syntax inside)."""
     return " OR ".join('"' + term.replace('"', '""') + '"' for term in dict.fromkeys(terms))
+
+
+def _rarest(cur: sqlite3.Cursor, fts: str, terms: list[str], n: int) -> list[str]:
+    """The n terms in the fewest chunks (FTS5's vocabulary table counts them), query order kept."""
+    vocab = f"temp.vocab_{fts}"
+    cur.execute(f"create virtual table if not exists {vocab} using fts5vocab(main, {fts}, 'row')")
+    holes = ", ".join("?" * len(terms))
+    counts = dict(cur.execute(f"select term, doc from {vocab} where term in ({holes})", terms))
+    keep = set(sorted(terms, key=lambda term: counts.get(term, 0))[:n])
+    return [term for term in terms if term in keep]
 
 
 def _filter_sql(where: Filter | None) -> tuple[str, list[str]]:
@@ -249,7 +265,9 @@ class SqliteStore:
         with self._db.transaction(f"search {self.name!r}") as cur:
             key = self._key(cur)
             cached = self._db.vectors(cur, self.name, key, self.dim)
-            scores = cached.matrix @ query
+            # torch, not numpy: numpy's OpenBLAS threads keep spinning after a product and
+            # slow the embedder's next forward pass several-fold on a small machine.
+            scores = (torch.from_numpy(cached.matrix) @ torch.from_numpy(query)).numpy()
             rows = np.arange(len(scores)) if where is None else np.flatnonzero(cached.mask(where))
             if len(rows) > k:
                 rows = rows[np.argpartition(-scores[rows], k - 1)[:k]]
@@ -258,13 +276,15 @@ class SqliteStore:
 
     def keyword_search(self, query: str, k: int = 5, where: Filter | None = None) -> list[Hit]:
         """The k chunks ranked by BM25 over the collection's analyzer (only chunks sharing a term)."""
-        terms = analyze(query, self.language)
+        terms = list(dict.fromkeys(analyze(query, self.language)))
         if not terms:
             return []
         sql, params = _filter_sql(where)
         with self._db.transaction(f"search {self.name!r}") as cur:
             cid, _ = self._key(cur)
             fts = f"fts_{cid}"  # bm25() takes the table's own name, not an alias
+            if len(terms) > MAX_QUERY_TERMS:
+                terms = _rarest(cur, fts, terms, MAX_QUERY_TERMS)
             # The chunks table only when filtering: joining costs a lookup per matching chunk.
             join = f" join chunks_{cid} c on c.seq = {fts}.rowid" if sql else ""
             found = cur.execute(

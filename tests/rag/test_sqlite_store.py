@@ -17,7 +17,7 @@ from milvus_lite.analyzer.factory import create_analyzer
 
 from pagoda.rag.databases import open_database, sqlite_path
 from pagoda.rag.milvus_store import ANALYZERS, MilvusDatabase
-from pagoda.rag.sqlite_store import SqliteDatabase, analyze
+from pagoda.rag.sqlite_store import MAX_QUERY_TERMS, SqliteDatabase, _rarest, analyze
 from pagoda.rag.store import (
     ENGLISH_STOP_WORDS,
     Chunk,
@@ -208,3 +208,21 @@ def test_open_database_chooses_the_backend_by_uri(tmp_path, monkeypatch):
         assert isinstance(db, MilvusDatabase)
         db.close()
     assert (tmp_path / "home" / "vectors" / "milvus.db").exists()
+
+
+def test_a_long_keyword_query_keeps_its_rarest_terms(db):
+    common = [f"common{i}" for i in range(MAX_QUERY_TERMS)]
+    rare = ["zephyr", "quokka"]
+    chunks = [Chunk(f"c{i}", f"d{i}", " ".join(common), np.eye(4, dtype=np.float32)[0])
+              for i in range(20)]
+    chunks.append(Chunk("target", "dt", " ".join(rare + common[:2]),
+                        np.eye(4, dtype=np.float32)[1]))
+    store = db.create("long", 4)
+    store.add(chunks)
+    query = " ".join(common + rare)  # more terms than the cap: the common ones go first
+    assert ids(store.keyword_search(query, k=1)) == ["target"]
+    with db.transaction("test") as cur:
+        fts = f"fts_{store._key(cur)[0]}"
+        kept = _rarest(cur, fts, common + rare, MAX_QUERY_TERMS)
+    assert len(kept) == MAX_QUERY_TERMS and set(rare) <= set(kept)
+    assert kept == [t for t in common + rare if t in kept]  # query order kept
