@@ -194,9 +194,9 @@ class MilvusStore:
         return [_hit(raw, score=abs(raw["distance"])) for raw in found[0]]
 
     def hybrid_search(self, query: str, vector: Sequence[float], k: int = 5,
-                      where: Filter | None = None) -> list[Hit]:
-        """Dense and keyword rankings fused by relative score fusion (`store.hybrid_search`)."""
-        return hybrid_search(self, query, vector, k, where)
+                      where: Filter | None = None, fusion: str = "relative") -> list[Hit]:
+        """Dense and keyword rankings fused ("relative" or "rrf"; `store.hybrid_search`)."""
+        return hybrid_search(self, query, vector, k, where, fusion)
 
 
 class MilvusDatabase:

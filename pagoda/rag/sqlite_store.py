@@ -294,9 +294,9 @@ class SqliteStore:
             return self._hits(cur, cid, [(seq, -score) for seq, score in found])
 
     def hybrid_search(self, query: str, vector: Sequence[float], k: int = 5,
-                      where: Filter | None = None) -> list[Hit]:
-        """Dense and keyword rankings fused by relative score fusion (`store.hybrid_search`)."""
-        return store.hybrid_search(self, query, vector, k, where)
+                      where: Filter | None = None, fusion: str = "relative") -> list[Hit]:
+        """Dense and keyword rankings fused ("relative" or "rrf"; `store.hybrid_search`)."""
+        return store.hybrid_search(self, query, vector, k, where, fusion)
 
 
 class SqliteDatabase:

@@ -22,6 +22,8 @@ from pagoda.errors import PagodaError
 
 LANGUAGES = ("en", "zh")  # analyzers a collection can be created with (keyword search)
 FUSION_DEPTH = 50  # each ranking fused by hybrid search holds this many candidates (or k if more)
+FUSIONS = ("relative", "rrf")  # hybrid search: relative score fusion (default) or RRF
+RRF_K = 60  # the constant of Cormack et al. (2009); dampens the weight of the very first ranks
 DENSE_WEIGHT = 0.5  # hybrid search: the dense ranking's share of the fused score (BM25: the rest)
 MAX_TEXT_BYTES = 65_535  # Milvus' VARCHAR limit, kept by every backend so chunks fit them all
 # Names every backend accepts (Milvus' rule): a letter or underscore, then letters, digits, _.
@@ -110,19 +112,36 @@ def relative_score_fusion(rankings: Sequence[Sequence[tuple[str, float]]],
     return sorted(fused.items(), key=lambda pair: -pair[1])
 
 
+def rrf(rankings: Sequence[Sequence[str]], k: int = RRF_K) -> list[tuple[str, float]]:
+    """Reciprocal-rank fusion (Cormack et al., 2009): score(id) = sum of 1 / (k + rank), ranks
+    from 1. It uses ranks only, so scores need no common scale. Best first; ties keep first-seen
+    order."""
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, item in enumerate(ranking, start=1):
+            scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
+    return sorted(scores.items(), key=lambda pair: -pair[1])
+
+
 def hybrid_search(backend: VectorStore, query: str, vector: Sequence[float], k: int,
-                  where: Filter | None) -> list[Hit]:
+                  where: Filter | None, fusion: str = "relative") -> list[Hit]:
     """A backend's dense and keyword rankings (FUSION_DEPTH deep) fused by relative score
-    fusion; done here, not in the database, so every backend ranks alike."""
+    fusion (default) or reciprocal-rank fusion (`fusion="rrf"`); done here, not in the
+    database, so every backend ranks alike."""
+    if fusion not in FUSIONS:
+        raise InvalidStoreRequestError(f"unknown fusion {fusion!r}; use one of {list(FUSIONS)}")
     if not query.strip():
         return backend.dense_search(vector, k, where)
     depth = max(k, FUSION_DEPTH)
     dense = backend.dense_search(vector, depth, where)
     keyword = backend.keyword_search(query, depth, where)
     found = {hit.id: hit for hit in keyword + dense}
-    fused = relative_score_fusion([[(h.id, h.score) for h in dense],
-                                   [(h.id, h.score) for h in keyword]],
-                                  [DENSE_WEIGHT, 1 - DENSE_WEIGHT])
+    if fusion == "rrf":
+        fused = rrf([[h.id for h in dense], [h.id for h in keyword]])
+    else:
+        fused = relative_score_fusion([[(h.id, h.score) for h in dense],
+                                       [(h.id, h.score) for h in keyword]],
+                                      [DENSE_WEIGHT, 1 - DENSE_WEIGHT])
     return [replace(found[item], score=score) for item, score in fused[:k]]
 
 
@@ -154,8 +173,8 @@ class VectorStore(Protocol):
         ...
 
     def hybrid_search(self, query: str, vector: Sequence[float], k: int = 5,
-                      where: Filter | None = None) -> list[Hit]:
-        """Dense and keyword rankings fused by relative score fusion (see `hybrid_search`)."""
+                      where: Filter | None = None, fusion: str = "relative") -> list[Hit]:
+        """Dense and keyword rankings fused (see `hybrid_search`: "relative" or "rrf")."""
         ...
 
 

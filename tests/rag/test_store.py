@@ -35,6 +35,7 @@ from pagoda.rag.store import (
     InvalidStoreRequestError,
     StoreUnavailableError,
     relative_score_fusion,
+    rrf,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,6 +184,26 @@ def test_hybrid_returns_the_keyword_hit_and_the_dense_hit(plays, chunks):
     other = next(c for c in chunks if word not in words(c.text) and c.id != owner.id)
     hits = plays.hybrid_search(word, other.vector, k=2)
     assert {h.id for h in hits} == {owner.id, other.id}
+
+
+def test_rrf_sums_reciprocal_ranks():
+    fused = rrf([["a", "b", "c"], ["c", "a", "d"]])
+    assert [item for item, _ in fused] == ["a", "c", "b", "d"]
+    assert dict(fused) == pytest.approx(
+        {"a": 1 / 61 + 1 / 62, "c": 1 / 63 + 1 / 61, "b": 1 / 62, "d": 1 / 63})
+    assert rrf([["x"]], k=0) == [("x", 1.0)]
+    assert rrf([]) == []
+
+
+def test_hybrid_with_rrf_fuses_by_rank_and_an_unknown_fusion_is_refused(plays, chunks):
+    query, vector = "good citizens of Rome", chunks[10].vector
+    dense = [h.id for h in plays.dense_search(vector, k=FUSION_DEPTH)]
+    keyword = [h.id for h in plays.keyword_search(query, k=FUSION_DEPTH)]
+    expected = rrf([dense, keyword])
+    hits = plays.hybrid_search(query, vector, k=8, fusion="rrf")
+    assert [(h.id, h.score) for h in hits] == [(i, pytest.approx(s)) for i, s in expected[:8]]
+    with pytest.raises(InvalidStoreRequestError, match="unknown fusion"):
+        plays.hybrid_search(query, vector, k=8, fusion="borda")
 
 
 def test_hybrid_scores_fuse_the_dense_and_bm25_rankings(plays, chunks):
