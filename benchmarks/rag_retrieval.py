@@ -274,7 +274,7 @@ async def run_async(args: argparse.Namespace, err) -> dict:
                 # 1. real documents until the index holds `size` chunks or the corpus runs out
                 task = progress.add_task(f"ingest to {size:,} chunks", total=size,
                                          completed=min(len(real), size))
-                cap = min(size, args.max_real_chunks or size)
+                cap = min(size, args.max_real_chunks)
                 while len(real) < cap and next_doc < len(docs):
                     source, data = docs[next_doc]
                     embed_before = embedder.seconds

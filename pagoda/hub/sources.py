@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from pagoda.errors import ModelNotFoundError
-
-# Pagoda's own config file, saved with every model (the only one for configs HF lacks).
-PAGODA_CONFIG = "pagoda_config.json"
+from pagoda.model.config import is_checkpoint_folder
 
 ModelFormat = Literal["gguf", "hf"]
 
@@ -122,12 +120,10 @@ def parse_hf_name(name: str) -> HFHubSource:
 
 
 def is_local_model(path: Path) -> bool:
-    """True for a .gguf file or a folder with config.json (pagoda_config.json for configs
-    Hugging Face lacks) or a .gguf inside."""
+    """True for a .gguf file or a folder with a checkpoint config or a .gguf inside."""
     if path.is_file():
         return path.suffix == ".gguf"
-    return path.is_dir() and ((path / "config.json").exists() or
-                              (path / PAGODA_CONFIG).exists() or any(path.glob("*.gguf")))
+    return path.is_dir() and (is_checkpoint_folder(path) or any(path.glob("*.gguf")))
 
 
 def find_source(name_or_path: str) -> Source:

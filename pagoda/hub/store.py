@@ -37,7 +37,6 @@ from pagoda.errors import ModelNotFoundError, PullError
 from pagoda.hub.sources import (
     HF_ALLOW_PATTERNS,
     KNOWN_MODELS,
-    PAGODA_CONFIG,
     HFHubSource,
     LocalSource,
     ModelFormat,
@@ -45,6 +44,7 @@ from pagoda.hub.sources import (
     Source,
     find_source,
 )
+from pagoda.model.config import is_checkpoint_folder
 from pagoda.paths import fsync_path, models_dir
 
 MANIFEST = "pagoda-source.json"
@@ -124,7 +124,7 @@ def resolve(name_or_path: str, *, pull_if_missing: bool = True) -> Path:
 def model_file(path: Path) -> Path:
     """What a loader opens: the .gguf of a GGUF model, or the folder itself for HF layout."""
     path = Path(path)
-    if path.is_file() or (path / "config.json").exists() or (path / PAGODA_CONFIG).exists():
+    if path.is_file() or is_checkpoint_folder(path):
         return path
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:

@@ -168,3 +168,13 @@ class ModelConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}")
         return copy.deepcopy(PRESETS[name]).replace(**overrides)  # callers may mutate it
+
+
+# Pagoda's own config file, saved with every checkpoint (the only one for configs HF lacks).
+PAGODA_CONFIG = "pagoda_config.json"
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """Whether `path` is a folder with a model config: Pagoda's own or a Hugging Face config.json
+    (kept free of torch so the model store can ask without importing it)."""
+    return (path / PAGODA_CONFIG).exists() or (path / "config.json").exists()

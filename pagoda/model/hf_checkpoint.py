@@ -19,11 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pagoda.errors import WeightsError
-from pagoda.model.config import ModelConfig
+from pagoda.model.config import PAGODA_CONFIG, ModelConfig
 from pagoda.model.hf_config import XLMR_PAD_ID, config_from_hf, config_to_hf, hf_compatible
 from pagoda.model.transformer import Transformer
 
-PAGODA_CONFIG = "pagoda_config.json"
 INDEX = "model.safetensors.index.json"  # sharded checkpoints: tensor name -> shard file
 
 # (HF name pattern, our name) for the llama-like families; {i} is the layer index.
