@@ -6,7 +6,8 @@ apt-get when missing), or tinyshakespeare (`--corpus shakespeare`). Everything g
 Pagoda's own code: `KnowledgeBases.create` on a temporary vector database (`--store`: Milvus
 Lite, the default backend, or SQLite), `KnowledgeBase.add` (load, split, embed with
 `LocalEmbeddings.load("minilm-l6")`, store), and `KnowledgeBase.query` in modes "keyword"
-(BM25), "dense" (cosine) and "hybrid" (reciprocal-rank fusion of both).
+(BM25), "dense" (cosine) and "hybrid" (relative score fusion of both); with --rerank N, also
+hybrid reranked by the chat model on N questions.
 
 Questions are generated, not written, in three kinds (`--queries` of each, seeded):
 
@@ -65,6 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 EMBEDDER = "minilm-l6"
 MODES = ("keyword", "dense", "hybrid")
+RERANK_MODEL = "smollm2-135m-instruct"
 TARGETS = {"ingest_chunks_s_min": 50.0, "query_p95_ms_max": 100.0, "p95_at_chunks": 100_000}
 FILL_BATCH = 2000  # filler chunks per store insert (Milvus Lite flushes after each)
 _WORD = re.compile(r"[A-Za-z0-9']+")
@@ -104,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-real-chunks", type=int, default=None,
                    help="stop ingesting real documents past this many chunks (default: the first "
                    "size); larger sizes are filled with copies")
+    p.add_argument("--rerank", type=int, default=0, metavar="N",
+                   help="also measure hybrid recall@5 reranked by the chat model "
+                   f"({RERANK_MODEL}, pointwise yes/no) on N of the questions, at the first "
+                   "size (default 0: off; ~10 s per question on 2 cores)")
     p.add_argument("--seed", type=int, default=0, help="question sampling seed (0)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the embedder (2)")
     p.add_argument("--quick", action="store_true", help="smoke test: 300 chunks, 50 questions of each kind")
@@ -122,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_real_chunks is not None and args.max_real_chunks < 10:
         p.error("--max-real-chunks must be >= 10")
     args.max_real_chunks = args.max_real_chunks or args.chunks[0]
+    if args.rerank < 0:
+        p.error("--rerank must be >= 0")
     if args.queries < 1 or args.threads < 1 or args.speeches_per_doc < 1:
         p.error("--queries, --threads and --speeches-per-doc must be >= 1")
     if not 0 <= args.chunk_overlap < args.chunk_size:
@@ -266,7 +274,7 @@ async def run_async(args: argparse.Namespace, err) -> dict:
         ingest = {"documents": 0, "chunks": 0, "seconds": 0.0, "embed_seconds": 0.0}
         fill = {"chunks": 0, "seconds": 0.0}
         next_doc, copies = 0, 0
-        stages, quality = [], []
+        stages, quality, reranked = [], [], None
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn())
         with Progress(*columns, console=err, transient=True) as progress:
@@ -299,6 +307,8 @@ async def run_async(args: argparse.Namespace, err) -> dict:
                                  + make_heldout(held, spans, args.queries, args.seed))
                     quality.append(await measure(kb, questions, len(real), progress, "quality",
                                                  with_quality=True))
+                    if args.rerank and reranked is None:
+                        reranked = await measure_rerank(kb, questions, args.rerank, progress)
                 # 3. copies of the real chunks (vectors embedded once) up to `size`
                 total = len(real) + fill["chunks"]
                 if total < size:
@@ -335,7 +345,36 @@ async def run_async(args: argparse.Namespace, err) -> dict:
         db.close()
         tmp.cleanup()
     return {"ingest": ingest, "fill": fill, "stages": stages, "quality": quality,
-            "corpus_documents": len(docs)}
+            "corpus_documents": len(docs), "rerank": reranked}
+
+
+async def measure_rerank(kb, questions: list[dict], n: int, progress) -> dict:
+    """Hybrid recall@5 with and without the chat model reordering the top RERANK_CANDIDATES,
+    on n questions spread evenly over the list (so over every kind)."""
+    from pagoda.client import LocalChat
+    from pagoda.rag.kb import RERANK_CANDIDATES
+    from pagoda.rag.rerank import ChatReranker
+
+    picked = [questions[i * len(questions) // n] for i in range(min(n, len(questions)))]
+    chat = LocalChat.load(RERANK_MODEL)
+    reranker = ChatReranker(chat)
+    hits_plain, hits_reranked, seconds = [], [], 0.0
+    task = progress.add_task(f"rerank: {len(picked)} questions", total=len(picked))
+    try:
+        for q in picked:
+            gold = set(q["gold"])
+            plain = await kb.query(q["question"], k=5)
+            start = time.perf_counter()
+            ranked = await kb.query(q["question"], k=5, reranker=reranker)
+            seconds += time.perf_counter() - start
+            hits_plain.append(1.0 if gold & {h.id for h in plain} else 0.0)
+            hits_reranked.append(1.0 if gold & {h.id for h in ranked} else 0.0)
+            progress.advance(task)
+    finally:
+        await chat.close()
+    return {"model": RERANK_MODEL, "questions": len(picked), "candidates": RERANK_CANDIDATES,
+            "recall_at_5": {"hybrid": _mean(hits_plain), "hybrid+rerank": _mean(hits_reranked)},
+            "seconds_per_query": round(seconds / len(picked), 2)}
 
 
 async def measure(kb, questions: list[dict], chunks: int, progress, label: str,
@@ -476,6 +515,7 @@ def summarize(args, raw: dict, machine: dict) -> dict:
                  "chunks_s": round(fill["chunks"] / fill["seconds"], 1) if fill["seconds"]
                  else None},
         "quality": raw["quality"],
+        "rerank": raw["rerank"],
         "stages": stages,
         "machine": machine,
     }
@@ -517,6 +557,12 @@ def print_tables(result: dict) -> None:
     console.print(f"ingest: {ing['chunks']:,} chunks from {ing['documents']} documents in "
                   f"{ing['seconds']:.1f} s = {result['ingest_chunks_s']} chunks/s "
                   f"(embedding {ing['embed_seconds']:.1f} s)")
+    if result["rerank"]:
+        rr = result["rerank"]
+        console.print(f"rerank by {rr['model']} ({rr['questions']} questions, top "
+                      f"{rr['candidates']} judged): recall@5 hybrid "
+                      f"{rr['recall_at_5']['hybrid']} -> {rr['recall_at_5']['hybrid+rerank']}, "
+                      f"{rr['seconds_per_query']} s/query")
     for name, tgt in result["targets"].items():
         colour = "green" if tgt["pass"] else "red"
         console.print(f"target {name}: [{colour}]{'PASS' if tgt['pass'] else 'FAIL'}"

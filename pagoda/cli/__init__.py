@@ -41,7 +41,7 @@ def add_group(subparsers: argparse._SubParsersAction, name: str, help: str, desc
 
 def build_parser() -> argparse.ArgumentParser:
     """The full `pagoda` parser with every verb registered."""
-    from pagoda.cli import data, generate, kb, models, pretrain, serve, tokenizer
+    from pagoda.cli import data, finetune, generate, kb, models, pretrain, serve, tokenizer
 
     parser = argparse.ArgumentParser(
         prog="pagoda", description="Pagoda: the whole LLM stack in one hackable codebase.",
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"pagoda {__version__}")
     subparsers = parser.add_subparsers(title="verbs", metavar="VERB")
-    for module in (models, generate, serve, kb, tokenizer, data, pretrain):
+    for module in (models, generate, serve, kb, tokenizer, data, pretrain, finetune):
         module.register(subparsers)
     return parser
 

@@ -20,17 +20,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from pagoda.cli import add_verb
-from pagoda.client import HTTPChat, LocalChat, LocalEmbeddings
+from pagoda.client import ChatClient, HTTPChat, LocalChat, LocalEmbeddings
 from pagoda.errors import DocumentError
 from pagoda.rag.answer import ask
 from pagoda.rag.databases import open_database
 from pagoda.rag.kb import (
     DEFAULT_CHUNK_OVERLAP,
     DEFAULT_CHUNK_SIZE,
+    MODES,
+    RERANK_CANDIDATES,
     KnowledgeBase,
     KnowledgeBases,
 )
-from pagoda.rag.store import LANGUAGES, VectorDatabase
+from pagoda.rag.rerank import ChatReranker
+from pagoda.rag.store import FUSIONS, LANGUAGES, VectorDatabase
 
 DEFAULT_EMBEDDER = "minilm-l6"
 DEFAULT_CHAT = "smollm2-135m-instruct"
@@ -85,21 +88,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("name")
     p.add_argument("question")
     p.add_argument("--k", type=int, default=5, help="passages to return (5)")
-    p.add_argument("--mode", choices=("hybrid", "dense", "keyword"), default="hybrid")
+    p.add_argument("--mode", choices=MODES, default="hybrid")
+    p.add_argument("--fusion", choices=FUSIONS, default="relative",
+                   help="how hybrid search merges BM25 and vector rankings: relative score "
+                        "fusion (default) or reciprocal-rank fusion")
+    _chat_arguments(p, "reranking (with --rerank)")
 
     p = add_verb(sub, "ask", "answer a question from a knowledge base, with citations",
-                 "pagoda kb ask hr-policies \"How long is parental leave?\"", cmd_ask)
+                 "pagoda kb ask hr-policies \"How long is parental leave?\" --rerank", cmd_ask)
     p.add_argument("name")
     p.add_argument("question")
     p.add_argument("--k", type=int, default=4, help="passages given to the model (4)")
+    _chat_arguments(p, "answering")
+    p.add_argument("--max-tokens", type=int, default=256)
+
+
+def _chat_arguments(p: argparse.ArgumentParser, purpose: str) -> None:
+    """--rerank and the chat model options (in-process model or a remote endpoint)."""
+    p.add_argument("--rerank", action="store_true",
+                   help=f"let the chat model reorder the best {RERANK_CANDIDATES} passages by "
+                        "relevance (slower; pointwise yes/no scoring)")
     p.add_argument("--model", default=None,
-                   help=f"chat model (default {DEFAULT_CHAT} in-process, or the remote model "
-                        "name with --base-url)")
+                   help=f"chat model for {purpose} (default {DEFAULT_CHAT} in-process, or the "
+                        "remote model name with --base-url)")
     p.add_argument("--base-url", default=None,
                    help="an OpenAI-compatible endpoint, e.g. https://api.deepseek.com/v1")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                    help="key for --base-url (default $OPENAI_API_KEY)")
-    p.add_argument("--max-tokens", type=int, default=256)
 
 
 # ------------------------------------------------------------------------------ plumbing
@@ -230,9 +245,21 @@ def cmd_rm_doc(args: argparse.Namespace) -> None:
         print(f"removed {record.source} ({record.chunks} chunks)")
 
 
+def _chat_client(args: argparse.Namespace) -> ChatClient:
+    if args.base_url:
+        return HTTPChat(args.base_url, args.model or "deepseek-chat", args.api_key)
+    return LocalChat.load(args.model or DEFAULT_CHAT)
+
+
 def cmd_query(args: argparse.Namespace) -> None:
     async def work(kb: KnowledgeBase):
-        return await kb.query(args.question, args.k, args.mode)
+        chat = _chat_client(args) if args.rerank else None
+        try:
+            return await kb.query(args.question, args.k, args.mode, fusion=args.fusion,
+                                  reranker=ChatReranker(chat) if chat else None)
+        finally:
+            if chat is not None:
+                await chat.close()
 
     hits = _with_kb(args.name, work)
     rows = [{"source": h.meta.source, "page": h.meta.page, "headings": list(h.meta.headings),
@@ -246,14 +273,12 @@ def cmd_query(args: argparse.Namespace) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
-    if args.base_url:
-        chat = HTTPChat(args.base_url, args.model or "deepseek-chat", args.api_key)
-    else:
-        chat = LocalChat.load(args.model or DEFAULT_CHAT)
+    chat = _chat_client(args)
 
     async def work(kb: KnowledgeBase):
         try:
-            return await ask(kb, chat, args.question, args.k, max_tokens=args.max_tokens)
+            return await ask(kb, chat, args.question, args.k, max_tokens=args.max_tokens,
+                             rerank=args.rerank)
         finally:
             await chat.close()
 

@@ -7,6 +7,7 @@ import logging
 
 from pagoda.cli import add_verb
 from pagoda.cli.generate import DEFAULT_MODEL
+from pagoda.errors import ConfigError
 
 log = logging.getLogger("pagoda.serve")
 
@@ -38,6 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="waiting-queue cap; beyond it requests get 503")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV-cache pool size in tokens")
+    p.add_argument("--adapter", action="append", default=None, metavar="NAME=PATH",
+                   help="serve a PEFT LoRA adapter folder too; requests pick it with "
+                        "\"model\": \"BASE:NAME\" (repeatable)")
+    p.add_argument("--admin-key", action="append", dest="admin_keys", default=None,
+                   metavar="KEY", help="key that may also load/unload adapters at run time "
+                                       "(repeatable)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: best available)")
     p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: best for device)")
 
@@ -58,7 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         args.config, model=args.model, embedding_model=args.embedding_model, host=args.host,
         port=args.port, api_keys=args.api_keys,
         rate_limit_per_minute=args.rate_limit_per_minute, log_prompts=args.log_prompts,
-        engine=engine or None, device=args.device, dtype=args.dtype)
+        engine=engine or None, device=args.device, dtype=args.dtype,
+        adapters=_adapters(args.adapter), admin_keys=args.admin_keys)
     check_bind(settings)  # before the slow load: refuse an open address without keys
     settings.engine_config()  # unknown engine settings fail now, not after loading
     log.info("loading %s ...", settings.model)
@@ -68,3 +76,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
              settings.port, settings.host, settings.port)
     uvicorn.run(app, host=settings.host, port=settings.port, access_log=False,
                 log_level="debug" if args.debug else "warning")
+
+
+def _adapters(specs: list[str] | None) -> dict[str, str] | None:
+    """--adapter NAME=PATH flags as a name -> folder table (ConfigError on a bad one)."""
+    if not specs:
+        return None
+    table: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter takes NAME=PATH (a PEFT adapter folder), got {spec!r}")
+        if name in table:
+            raise ConfigError(f"--adapter {name!r} is given twice")
+        table[name] = path
+    return table

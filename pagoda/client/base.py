@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -16,6 +16,9 @@ class ChatReply:
     finish_reason: str  # "stop" (end of turn or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    # With `top_logprobs=n`: the n likeliest first tokens (text, logprob), likeliest first;
+    # what pointwise scoring (e.g. reranking by yes/no) reads.
+    first_token_logprobs: list[tuple[str, float]] = field(default_factory=list)
 
 
 class ChatClient(Protocol):
@@ -24,7 +27,8 @@ class ChatClient(Protocol):
     model: str
 
     async def chat(self, messages: list[dict[str, str]], *, max_tokens: int = 512,
-                   temperature: float = 0.0, stop: list[str] | None = None) -> ChatReply: ...
+                   temperature: float = 0.0, stop: list[str] | None = None,
+                   top_logprobs: int = 0) -> ChatReply: ...
 
     async def close(self) -> None: ...
 

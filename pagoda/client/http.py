@@ -50,24 +50,36 @@ class HTTPChat:
         self.endpoint = _Endpoint(base_url, api_key, timeout)
 
     async def chat(self, messages: list[dict[str, str]], *, max_tokens: int = 512,
-                   temperature: float = 0.0, stop: list[str] | None = None) -> ChatReply:
+                   temperature: float = 0.0, stop: list[str] | None = None,
+                   top_logprobs: int = 0) -> ChatReply:
         body: dict[str, Any] = {"model": self.model, "messages": messages,
                                 "max_tokens": max_tokens, "temperature": temperature}
         if stop:
             body["stop"] = stop
+        if top_logprobs:
+            body.update(logprobs=True, top_logprobs=top_logprobs)
         data = await self.endpoint.post("chat/completions", body)
         try:
             choice = data["choices"][0]
             usage = data.get("usage") or {}
             return ChatReply(choice["message"]["content"] or "", choice.get("finish_reason") or
                              "stop", usage.get("prompt_tokens", 0),
-                             usage.get("completion_tokens", 0))
+                             usage.get("completion_tokens", 0), _first_token_logprobs(choice))
         except (KeyError, IndexError, TypeError) as exc:
             raise ClientError(f"{self.endpoint.base_url} sent a malformed chat completion: "
                               f"missing {exc}") from exc
 
     async def close(self) -> None:
         await self.endpoint.close()
+
+
+def _first_token_logprobs(choice: dict[str, Any]) -> list[tuple[str, float]]:
+    """The first token's alternatives from an OpenAI `logprobs` block; empty when the server
+    sent none (not every OpenAI-compatible server implements them)."""
+    content = (choice.get("logprobs") or {}).get("content") or []
+    if not content:
+        return []
+    return [(alt["token"], float(alt["logprob"])) for alt in content[0].get("top_logprobs") or []]
 
 
 class HTTPEmbeddings:

@@ -34,15 +34,20 @@ class LocalChat:
         return cls(engine, loaded.tokenizer, name, owns_engine=True)
 
     async def chat(self, messages: list[dict[str, str]], *, max_tokens: int = 512,
-                   temperature: float = 0.0, stop: list[str] | None = None) -> ChatReply:
+                   temperature: float = 0.0, stop: list[str] | None = None,
+                   top_logprobs: int = 0) -> ChatReply:
         prompt = encode_chat(self.tokenizer, messages, add_generation_prompt=True).ids
-        params = SamplingParams(temperature=temperature, max_tokens=max_tokens).validated()
+        params = SamplingParams(temperature=temperature, max_tokens=max_tokens,
+                                logprobs=top_logprobs > 0, top_logprobs=top_logprobs).validated()
         text = SequenceText(self.tokenizer, stop or [])
         pieces: list[str] = []
+        first: list[tuple[str, float]] = []
         produced, reason = 0, "length"
         stream = self.engine.generate(prompt, params)
         try:
             async for out in stream:
+                if produced == 0 and top_logprobs:
+                    first = [(self.tokenizer.decode([t]), lp) for t, lp in out.top_logprobs]
                 produced += 1
                 piece, hit = text.push(out.token_id, last=out.finish_reason is not None)
                 pieces.append(piece)
@@ -51,7 +56,7 @@ class LocalChat:
                     break
         finally:
             await stream.aclose()  # stops the generation if a stop string ended it early
-        return ChatReply("".join(pieces), reason, len(prompt), produced)
+        return ChatReply("".join(pieces), reason, len(prompt), produced, first)
 
     async def close(self) -> None:
         if self._owns_engine:

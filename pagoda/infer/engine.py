@@ -13,18 +13,33 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from pagoda.errors import InvalidRequestError, QueueFullError
+from pagoda.errors import InvalidRequestError, ModelNotFoundError, PagodaError, QueueFullError
 from pagoda.infer.generate import Timings, TokenEvent, check_request
 from pagoda.infer.kernels import use_native_kernels
 from pagoda.infer.paged_cache import PackedBatch, PagedBatch, PagedKVPool
 from pagoda.infer.sampling import SamplingParams, SequenceSamplingState, sample
 from pagoda.infer.scheduler import Scheduler, Sequence
+from pagoda.model.lora import (
+    LoraAdapter,
+    adapter_names,
+    attach_adapter,
+    detach_adapter,
+    route_adapters,
+)
 from pagoda.model.transformer import Transformer
+
+
+class AdapterInUseError(PagodaError):
+    """An adapter cannot be unloaded while requests use it."""
+
+    http_status = 409
+    code = "adapter_in_use"
 
 
 @dataclass
@@ -75,8 +90,13 @@ class Engine:
                                 device=model.device, dtype=model.dtype)
         self.scheduler = Scheduler(self.pool, config.max_running, config.max_step_tokens)
 
-    def prepare(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        """Validate a request (raising its errors) and build its sequence, without queueing it."""
+    def prepare(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                adapter: str | None = None) -> Sequence:
+        """Validate a request (raising its errors) and build its sequence, without queueing it;
+        `adapter` names a loaded LoRA adapter to run it with (None: the base model)."""
+        if adapter is not None and adapter not in self.adapters:
+            raise ModelNotFoundError(f"no LoRA adapter named '{adapter}' is loaded (loaded: "
+                                     f"{', '.join(self.adapters) or 'none'})")
         budget = check_request(len(prompt_ids), params, self.model.cfg.max_seq_len)
         vocab = self.model.cfg.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
@@ -89,7 +109,7 @@ class Engine:
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
                                                     else self.eos_ids)
         return Sequence(request_id, list(prompt_ids), params, budget, stops,
-                        SequenceSamplingState.for_params(params, prompt_ids))
+                        SequenceSamplingState.for_params(params, prompt_ids), adapter=adapter)
 
     def admit(self, seq: Sequence) -> None:
         """Queue a prepared sequence; QueueFullError when the waiting queue is at its cap."""
@@ -101,6 +121,31 @@ class Engine:
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Validate and queue a request."""
         self.admit(self.prepare(request_id, prompt_ids, params))
+
+    # ------------------------------------------------------------------ LoRA adapters
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the LoRA adapters loaded next to the base weights."""
+        return adapter_names(self.model)
+
+    def add_adapter(self, name: str, adapter: LoraAdapter) -> None:
+        """Load a LoRA adapter that requests can pick per sequence (call between steps)."""
+        if name in self.adapters:
+            raise InvalidRequestError(f"an adapter named '{name}' is already loaded")
+        if any(m.rsplit(".", 1)[-1] == "lm_head" for m in adapter.tensors):
+            raise InvalidRequestError("adapters on lm_head cannot be served per sequence (the "
+                                      "head sees only the sampled rows); merge it instead")
+        attach_adapter(self.model, adapter, name)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter no queued or running request uses (call between steps)."""
+        if name not in self.adapters:
+            raise ModelNotFoundError(f"no LoRA adapter named '{name}' is loaded")
+        users = sum(s.adapter == name for s in [*self.scheduler.running, *self.scheduler.waiting])
+        if users:
+            raise AdapterInUseError(f"adapter '{name}' is in use by {users} request(s); "
+                                    "retry when they finish")
+        detach_adapter(self.model, name)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request: its KV blocks are free again immediately."""
@@ -125,14 +170,17 @@ class Engine:
         tables, cached = [s.table for s in seqs], [s.cached for s in seqs]
         if all(n == 1 for _, n in plan):  # decode only: a (B, 1) batch, fused kernels apply
             ids = torch.tensor([[s.ids[s.cached]] for s in seqs], device=self.model.device)
-            out = self.model(ids, cache=PagedBatch(self.pool, tables, cached, 1), last_only=True)
+            with self._adapters_for(plan):
+                out = self.model(ids, cache=PagedBatch(self.pool, tables, cached, 1),
+                                 last_only=True)
             out = out[:, -1]  # (B, vocab)
         else:  # prompt chunks (and decodes riding along): one packed row
             batch = PackedBatch(self.pool, tables, cached, [n for _, n in plan])
             plan = [plan[i] for i in batch.order]
             ids = torch.tensor([[t for s, n in plan for t in s.ids[s.cached:s.cached + n]]],
                                device=self.model.device)
-            out = self.model(ids, cache=batch, keep=batch.last_tokens)[0]  # (len(seqs), vocab)
+            with self._adapters_for(plan):
+                out = self.model(ids, cache=batch, keep=batch.last_tokens)[0]  # (len(seqs), V)
         ready, logits = [], []
         for row, (seq, n) in enumerate(plan):
             seq.cached += n
@@ -154,6 +202,13 @@ class Engine:
             outputs.append(TokenOutput(seq.request_id, token, picked.logprobs[i],
                                        picked.top_logprobs[i], reason, len(seq.prompt_ids)))
         return outputs
+
+    def _adapters_for(self, plan: list[tuple[Sequence, int]]) -> AbstractContextManager:
+        """Route each planned token to its sequence's adapter (in the order the tokens are
+        fed); nothing to route when no sequence of the step has one."""
+        if all(seq.adapter is None for seq, _ in plan):
+            return nullcontext()
+        return route_adapters(self.model, [seq.adapter for seq, n in plan for _ in range(n)])
 
 
 def generate(model: Transformer, prompts: list[list[int]], params: list[SamplingParams],
@@ -216,10 +271,12 @@ class AsyncEngine:
         return self.engine.stats
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[TokenOutput]:
-        """Tokens of one request as they are produced; closing the iterator cancels it."""
+                       request_id: str | None = None,
+                       adapter: str | None = None) -> AsyncIterator[TokenOutput]:
+        """Tokens of one request (with LoRA `adapter`, if named) as they are produced; closing
+        the iterator cancels it."""
         request_id = request_id or uuid.uuid4().hex
-        seq = self.engine.prepare(request_id, prompt_ids, params)  # raises bad-request errors
+        seq = self.engine.prepare(request_id, prompt_ids, params, adapter)  # bad-request errors
         stats = self.engine.stats
         if stats.waiting + self._inbox.qsize() >= self.engine.config.max_waiting:
             raise QueueFullError(f"the server is busy ({stats.waiting} requests waiting); "
@@ -240,6 +297,14 @@ class AsyncEngine:
             if not finished:
                 self._send(("abort", request_id))
 
+    async def call(self, work: Callable[[Engine], object]) -> object:
+        """Run `work(engine)` on the engine thread between two steps (e.g. loading an adapter
+        while requests decode) and return its result or raise its error."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self._send(("call", (work, loop, done)))
+        return await done
+
     def shutdown(self) -> None:
         """Stop the worker thread (pending requests are dropped)."""
         self._stopping = True
@@ -256,12 +321,24 @@ class AsyncEngine:
             loop, stream = target
             loop.call_soon_threadsafe(stream.put_nowait, item)
 
+    def _call(self, work: Callable[[Engine], object], loop: asyncio.AbstractEventLoop,
+              done: asyncio.Future) -> None:
+        try:
+            result = work(self.engine)
+        except Exception as exc:  # delivered to the awaiting caller, not raised here
+            loop.call_soon_threadsafe(_settle, done, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, done, result, None)
+
     def _run(self) -> None:
         while not self._stopping:
             while not self._inbox.empty():
                 kind, payload = self._inbox.get()
                 if kind == "abort":
                     self.engine.abort(payload)
+                    continue
+                if kind == "call":
+                    self._call(*payload)
                     continue
                 try:
                     self.engine.admit(payload)
@@ -280,3 +357,13 @@ class AsyncEngine:
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)
+
+
+def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    """Complete a future from the engine thread's report (unless its caller gave up)."""
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -29,6 +29,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     table: list[int] = field(default_factory=list)  # KV block ids, in order
     cached: int = 0  # leading tokens whose keys/values are in the pool
+    adapter: str | None = None  # LoRA adapter applied to this sequence's tokens (None: base)
 
     @property
     def ids(self) -> list[int]:

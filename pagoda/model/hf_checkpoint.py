@@ -77,6 +77,25 @@ def _name_table(arch: str) -> list[tuple[re.Pattern, str, str]]:
             for hf, ours in pairs]
 
 
+def hf_tensor_name(name: str, arch: str) -> str | None:
+    """The HF name of one of our tensor names by the table alone, None where the table has none
+    (GPT-2's q/k/v live fused in c_attn); LoRA adapters name their modules with it."""
+    for _, hf, ours in _name_table(arch):
+        m = re.match("^" + re.escape(ours).replace(r"\{i\}", r"(\d+)") + "$", name)
+        if m:
+            return hf.replace("{i}", m.group(1)) if m.groups() else hf
+    return None
+
+
+def pagoda_tensor_name(hf_name: str, arch: str) -> str | None:
+    """Inverse of `hf_tensor_name`: our name for an HF tensor name, None if the table has none."""
+    for pattern, _, ours in _name_table(arch):
+        m = pattern.match(hf_name)
+        if m:
+            return ours.replace("{i}", m.group(1)) if m.groups() else ours
+    return None
+
+
 def hf_to_pagoda(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Rename (and for GPT-2 split/transpose) an HF state dict into Pagoda's names."""
     if cfg.arch == "gpt2":

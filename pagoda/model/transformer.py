@@ -93,10 +93,12 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def forward(self, idx: torch.Tensor, cache: AttentionCache | None = None,
+    def forward(self, idx: torch.Tensor | None, cache: AttentionCache | None = None,
                 last_only: bool = False, positions: torch.Tensor | None = None,
                 keep: torch.Tensor | None = None, token_types: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T); (B, 1, vocab) when last_only, and
         (B, len(keep), vocab) for only the token indices `keep` (the head is a big matmul).
         A model without an lm head (an encoder) returns its hidden states (B, T, d) instead.
@@ -106,14 +108,21 @@ class Transformer(nn.Module):
         Encoders take `token_types` (B, T) segment ids (default 0, sentence A) and, for a
         right-padded batch without a cache, `attention_mask` (B, T) bool, True for real tokens:
         no token attends to padding, so each row equals that sequence run alone.
+        `segments` (B, T) long, uncached only, packs several sequences into a row: a token sees
+        only earlier tokens of its own segment (pass `positions` restarting at 0 per segment);
+        segment 0 is padding and sees only itself.
+        `inputs_embeds` (B, T, d) replaces the token embeddings of idx (pass idx=None): prompt
+        tuning trains such vectors, which have no token id.
         """
-        B, T = idx.shape
-        if cache is not None and attention_mask is not None:
-            raise ValueError("attention_mask is for uncached passes; a cache masks its own slots")
+        source = idx if inputs_embeds is None else inputs_embeds
+        B, T = source.shape[:2]
+        if cache is not None and (attention_mask is not None or segments is not None):
+            raise ValueError("attention_mask and segments are for uncached passes; a cache masks "
+                             "its own slots")
         if positions is None:
             positions = (cache.positions(T) if cache is not None
-                         else torch.arange(T, device=idx.device).expand(B, T))
-        x = self.embed(idx)  # (B, T, d)
+                         else torch.arange(T, device=source.device).expand(B, T))
+        x = self.embed(idx) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         if self.cfg.scale_embeddings:
             x = x * math.sqrt(self.cfg.d_model)
         if self.pos_embed is not None:
@@ -131,7 +140,7 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[positions].unsqueeze(1).to(x.dtype),  # (B, 1, T, hd)
                     self.rope_sin[positions].unsqueeze(1).to(x.dtype))
         mask = (cache.attention_mask(T) if cache is not None
-                else self._self_attention_mask(T, idx.device, attention_mask))
+                else self._self_attention_mask(T, source.device, attention_mask, segments))
         for block in self.layers:
             if self.checkpoint_blocks and self.training and cache is None:
                 x = checkpoint(block, x, rope, cache, mask, use_reentrant=False)
@@ -148,11 +157,12 @@ class Transformer(nn.Module):
         return x if self.lm_head is None else self.lm_head(x)  # (B, T, vocab) or (B, T, d)
 
     def _self_attention_mask(self, T: int, device: torch.device,
-                             attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+                             attention_mask: torch.Tensor | None,
+                             segments: torch.Tensor | None = None) -> torch.Tensor | None:
         """Bool mask (B or 1, 1, T, T), True where a query may see a key; None when SDPA's own
-        causal or full attention is exact (no padding, no sliding window shorter than T)."""
+        causal or full attention is exact (no padding or segments, no window shorter than T)."""
         window = self.cfg.sliding_window if self.cfg.causal else None
-        if attention_mask is None and (window is None or T <= window):
+        if attention_mask is None and segments is None and (window is None or T <= window):
             return None
         slot = torch.arange(T, device=device)
         distance = slot.unsqueeze(1) - slot.unsqueeze(0)  # (T, T) query slot - key slot
@@ -162,6 +172,11 @@ class Transformer(nn.Module):
         mask = mask[None, None]  # (1, 1, T, T)
         if attention_mask is not None:  # hide padding keys: (B, 1, 1, T) broadcast over queries
             mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+        if segments is not None:  # same segment only; padding (0) sees just its own slot
+            seg = segments.to(device)
+            same = seg[:, :, None] == seg[:, None, :]  # (B, T, T) query segment == key segment
+            same = same & ((seg[:, :, None] != 0) | (distance == 0))
+            mask = mask & same[:, None]
         return mask
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from pagoda.client import ChatClient
 from pagoda.rag.kb import KnowledgeBase
+from pagoda.rag.rerank import ChatReranker
 
 NOT_FOUND = "I don't know: the knowledge base does not contain this."
 SYSTEM = ("You answer questions using only the numbered passages from a knowledge base. "
@@ -51,10 +52,11 @@ def grounded_messages(question: str, passages: list[Citation],
 
 
 async def retrieve(kb: KnowledgeBase, question: str, k: int = 4,
-                   min_relevance: float = MIN_RELEVANCE) -> list[Citation]:
+                   min_relevance: float = MIN_RELEVANCE,
+                   reranker: ChatReranker | None = None) -> list[Citation]:
     """The numbered passages to answer from; empty when none is relevant enough."""
     vector = await kb.embed_query(question)
-    hits = await kb.query(question, k, vector=vector)
+    hits = await kb.query(question, k, vector=vector, reranker=reranker)
     relevance = kb.similarity(vector, hits)
     if not hits or max(relevance) < min_relevance:
         return []
@@ -69,9 +71,12 @@ def cited(text: str, passages: list[Citation]) -> list[Citation]:
 
 
 async def ask(kb: KnowledgeBase, chat: ChatClient, question: str, k: int = 4,
-              min_relevance: float = MIN_RELEVANCE, max_tokens: int = 256) -> Answer:
-    """Answer `question` from the knowledge base, with citations."""
-    passages = await retrieve(kb, question, k, min_relevance)
+              min_relevance: float = MIN_RELEVANCE, max_tokens: int = 256,
+              rerank: bool = False) -> Answer:
+    """Answer `question` from the knowledge base, with citations; with `rerank`, the chat
+    model first reorders the retrieved passages by relevance."""
+    reranker = ChatReranker(chat) if rerank else None
+    passages = await retrieve(kb, question, k, min_relevance, reranker)
     if not passages:
         return Answer(NOT_FOUND, [], found=False)
     reply = await chat.chat(grounded_messages(question, passages), max_tokens=max_tokens)

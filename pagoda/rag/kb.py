@@ -30,13 +30,15 @@ from pagoda.client import EmbeddingClient
 from pagoda.errors import DocumentError, InvalidRequestError, PagodaError
 from pagoda.paths import pagoda_home
 from pagoda.rag.loaders import load_bytes
+from pagoda.rag.rerank import ChatReranker
 from pagoda.rag.splitter import Chunk as Piece
 from pagoda.rag.splitter import Splitter
-from pagoda.rag.store import Chunk, ChunkMeta, Filter, Hit, VectorDatabase, VectorStore
+from pagoda.rag.store import FUSIONS, Chunk, ChunkMeta, Filter, Hit, VectorDatabase, VectorStore
 
 _NAME = re.compile(r"[\w-][\w.-]{0,63}")  # letters of any script, digits, _ . - (no dot first)
 EMBED_BATCH = 256  # chunks per embedding call (sorted by length inside it; progress per batch)
 MODES = ("hybrid", "dense", "keyword")
+RERANK_CANDIDATES = 20  # passages a reranker judges; it keeps the best k of them
 # Embedders trained with instruction prefixes (E5): (query prefix, passage prefix).
 PREFIXES: dict[str, tuple[str, str]] = {"e5-small-multilingual": ("query: ", "passage: ")}
 
@@ -221,23 +223,32 @@ class KnowledgeBase:
     # ------------------------------------------------------------------ retrieval
     async def query(self, question: str, k: int = 5, mode: str = "hybrid",
                     sources: Sequence[str] | None = None,
-                    vector: np.ndarray | None = None) -> list[Hit]:
+                    vector: np.ndarray | None = None, fusion: str = "relative",
+                    reranker: ChatReranker | None = None) -> list[Hit]:
         """The k passages most relevant to `question`, best first (`vector`: the question's
-        embedding, when the caller already has it)."""
+        embedding, when the caller already has it). `fusion` picks how hybrid search merges
+        its two rankings; a `reranker` reorders the best RERANK_CANDIDATES before keeping k."""
         if not question.strip():
             raise InvalidRequestError("the question is empty")
         if mode not in MODES:
             raise InvalidRequestError(f"unknown search mode {mode!r}; use one of {list(MODES)}")
+        if fusion not in FUSIONS:
+            raise InvalidRequestError(f"unknown fusion {fusion!r}; use one of {list(FUSIONS)}")
         if not 1 <= k <= 100:
             raise InvalidRequestError(f"top-k must be in 1..100, got {k}")
-        where = self._filter(sources)
+        depth = max(k, RERANK_CANDIDATES) if reranker is not None else k
+        hits = await self._search(question, depth, mode, self._filter(sources), vector, fusion)
+        return hits if reranker is None else await reranker.rerank(question, hits, k)
+
+    async def _search(self, question: str, k: int, mode: str, where: Filter | None,
+                      vector: np.ndarray | None, fusion: str) -> list[Hit]:
         if mode == "keyword":
             return self.store.keyword_search(question, k, where)
         if vector is None:
             vector = await self.embed_query(question)
         if mode == "dense":
             return self.store.dense_search(vector, k, where)
-        return self.store.hybrid_search(question, vector, k, where)
+        return self.store.hybrid_search(question, vector, k, where, fusion)
 
     async def embed_query(self, question: str) -> np.ndarray:
         """The question's unit vector (with the embedder's query prefix)."""

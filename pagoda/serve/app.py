@@ -19,10 +19,13 @@ from fastapi.staticfiles import StaticFiles
 from starlette.routing import Match, Mount
 
 from pagoda import __version__
+from pagoda.client import LocalChat
 from pagoda.errors import ModelNotFoundError
 from pagoda.hub.loader import LoadedModel
 from pagoda.infer.constrained import ConstraintFactory
 from pagoda.infer.scoring import PromptScorer
+from pagoda.rag.rerank import ChatReranker
+from pagoda.serve.adapter_routes import Adapters, build_adapter_router
 from pagoda.serve.auth import Guard
 from pagoda.serve.embeddings import EmbedderSlot, build_embeddings_router
 from pagoda.serve.errors import install_error_handlers, with_param
@@ -70,20 +73,45 @@ class ServeState:
         self.accepted = {self.model_id, loaded.name, *settings.model_aliases}
         self.created = int(time.time())
         self.fingerprint = f"pagoda-{__version__}"
+        self.adapters = Adapters()
 
     def resolve_model(self, name: str) -> str:
-        """The model id to answer with, or a 404 naming what is served."""
+        """The model id to answer with (a loaded "BASE:ADAPTER" too), or a 404 naming what is
+        served."""
         if name in self.accepted:
             return name
+        base, _, adapter = name.rpartition(":")
+        if base in self.accepted:
+            if adapter in self.adapters.paths:
+                return name
+            raise with_param(ModelNotFoundError(
+                f"The model '{name}' does not exist: no LoRA adapter named '{adapter}' is "
+                f"loaded (loaded: {', '.join(self.adapters.paths) or 'none'})."), "model")
         aliases = [a for a in self.listed_models if a != self.model_id]
         also = f" (also as {', '.join(aliases)})" if aliases else ""
         raise with_param(ModelNotFoundError(
             f"The model '{name}' does not exist. This server serves '{self.model_id}'{also}; "
             "see GET /v1/models."), "model")
 
+    def adapter_of(self, model: str) -> str | None:
+        """The adapter a resolved model name asks for (None: the base model)."""
+        return None if model in self.accepted else model.rpartition(":")[2]
+
+    @property
+    def adapter_models(self) -> list[str]:
+        """The "BASE:ADAPTER" ids of the loaded adapters, for /v1/models."""
+        return [f"{self.model_id}:{name}" for name in self.adapters.paths]
+
+    def reranker(self) -> ChatReranker:
+        """Reranking of knowledge-base passages by the served chat model, through its engine."""
+        return ChatReranker(LocalChat(self.engine, self.tokenizer, self.model_id))
+
     def model_card(self, name: str) -> dict[str, Any]:
-        """The /v1/models entry of one model id."""
-        return {"id": name, "object": "model", "created": self.created, "owned_by": "pagoda"}
+        """The /v1/models entry of one model id (an adapter's names its base, as vLLM does)."""
+        card = {"id": name, "object": "model", "created": self.created, "owned_by": "pagoda"}
+        if self.adapter_of(name) is not None:
+            card.update(parent=self.model_id, root=self.adapters.paths[self.adapter_of(name)])
+        return card
 
 
 class _UIMount(Mount):
@@ -133,6 +161,8 @@ def create_app(loaded: LoadedModel, settings: ServeSettings | None = None, *,
         owned = state.engine is None
         if owned:
             state.engine = build_engine(loaded, settings)
+        for name, path in settings.adapters.items():
+            await state.adapters.load(state.engine, name, path)
         state.ready = True
         log.info("serving %s (context %d tokens)", state.model_id, state.context)
         try:
@@ -150,8 +180,10 @@ def create_app(loaded: LoadedModel, settings: ServeSettings | None = None, *,
     app.state.pagoda = state
     install_error_handlers(app)
     app.include_router(build_router(state))
+    app.include_router(build_adapter_router(state))
     app.include_router(build_embeddings_router(state.embedder, [Depends(state.guard)]))
-    app.include_router(build_kb_router(state.knowledge, state.guard, [Depends(state.guard)]))
+    app.include_router(build_kb_router(state.knowledge, state.guard, [Depends(state.guard)],
+                                       state.reranker))
     if STATIC_DIR.is_dir():
         app.router.routes.append(
             _UIMount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="ui"))

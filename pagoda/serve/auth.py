@@ -14,7 +14,7 @@ import time
 from fastapi import Request
 
 from pagoda.errors import ConfigError
-from pagoda.serve.errors import AuthenticationError, RateLimitError
+from pagoda.serve.errors import AuthenticationError, PermissionDeniedError, RateLimitError
 from pagoda.serve.settings import LOOPBACK_HOSTS, ServeSettings
 
 log = logging.getLogger("pagoda.serve")
@@ -62,7 +62,8 @@ class Guard:
     """Checks one request's key and rate; used as a FastAPI dependency on /v1/* routes."""
 
     def __init__(self, settings: ServeSettings) -> None:
-        self.keys = [k.encode() for k in settings.api_keys]
+        self.keys = [k.encode() for k in [*settings.api_keys, *settings.admin_keys]]
+        self.admin_keys = [k.encode() for k in settings.admin_keys]
         self.limit = settings.rate_limit_per_minute
         self.bucket = TokenBucket(self.limit) if self.limit else None
 
@@ -87,6 +88,18 @@ class Guard:
         if not ok:
             raise AuthenticationError(f"Incorrect API key provided: {_redact(sent.strip())}.")
         return sent.strip()
+
+    def require_admin(self, request: Request) -> None:
+        """Let only admin keys through (anyone local when auth is off: loopback only)."""
+        key = self.key_of(request)
+        if key is None:
+            return
+        ok = False
+        for admin in self.admin_keys:  # no early exit, as in key_of
+            ok |= hmac.compare_digest(key.encode(), admin)
+        if not ok:
+            raise PermissionDeniedError("This API key may not manage adapters; use one of the "
+                                        "server's admin_keys.")
 
     async def __call__(self, request: Request) -> None:
         key = self.key_of(request)

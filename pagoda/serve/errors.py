@@ -28,6 +28,14 @@ class AuthenticationError(PagodaError):
     code = "invalid_api_key"
 
 
+class PermissionDeniedError(PagodaError):
+    """A valid key asked for something only admin keys may do."""
+
+    http_status = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
 class RateLimitError(PagodaError):
     """The API key sent more requests than its per-minute allowance."""
 

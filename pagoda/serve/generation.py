@@ -57,10 +57,11 @@ class ChoiceStreams:
         self.finish_reasons: dict[int, str] = {}
 
     async def start(self, prompts: list[list[int]], params: list[SamplingParams],
-                    request_id: str) -> None:
-        """Submit every request and wait for each one's first token (errors surface here)."""
+                    request_id: str, adapter: str | None = None) -> None:
+        """Submit every request (with LoRA `adapter`, if any) and wait for each one's first
+        token (errors surface here)."""
         self.texts = [SequenceText(self.tokenizer, p.stop) for p in params]
-        self.gens = [self.engine.generate(ids, p, request_id=f"{request_id}-{i}")
+        self.gens = [self.engine.generate(ids, p, request_id=f"{request_id}-{i}", adapter=adapter)
                      for i, (ids, p) in enumerate(zip(prompts, params, strict=True))]
         self._last = [self.started] * len(self.gens)
         try:

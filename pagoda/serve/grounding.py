@@ -28,8 +28,9 @@ class Grounding:
 
 
 async def ground(state: Any, name: str, messages: list[dict[str, Any]],
-                 request: Request) -> Grounding:
-    """Retrieve passages for the last user message and build the grounded conversation."""
+                 request: Request, rerank: bool = False) -> Grounding:
+    """Retrieve passages for the last user message (reranked by the model with `rerank`) and
+    build the grounded conversation."""
     kb = await state.knowledge.open(name, owner_of(state.guard, request))
     last = next((i for i in range(len(messages) - 1, -1, -1)
                  if messages[i]["role"] == "user"), None)
@@ -38,7 +39,7 @@ async def ground(state: Any, name: str, messages: list[dict[str, Any]],
         raise with_param(InvalidRequestError(
             "a chat grounded on a knowledge base needs a user message with the question"),
             "messages")
-    passages = await retrieve(kb, question)
+    passages = await retrieve(kb, question, reranker=state.reranker() if rerank else None)
     if not passages:
         return Grounding(messages, [])
     history = [m for m in messages[:last] if m["role"] in ("user", "assistant")]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ from pagoda.rag.kb import (
     KnowledgeBases,
     Manifest,
 )
-from pagoda.rag.store import LANGUAGES, Hit
+from pagoda.rag.rerank import ChatReranker
+from pagoda.rag.store import FUSIONS, LANGUAGES, Hit
 from pagoda.serve.embeddings import EmbedderSlot
 
 
@@ -52,6 +54,8 @@ class KnowledgeBaseQuery(BaseModel):
     query: str
     k: int = Field(default=5, ge=1, le=100)
     mode: str = Field(default="hybrid", pattern="^(" + "|".join(MODES) + ")$")
+    fusion: str = Field(default="relative", pattern="^(" + "|".join(FUSIONS) + ")$")
+    rerank: bool = False  # reorder the best passages by the chat model's relevance judgement
 
 
 class KnowledgeBaseService:
@@ -114,7 +118,8 @@ def owner_of(guard: Any, request: Request) -> str | None:
     return hashlib.sha256(key.encode()).hexdigest()[:32] if key else None
 
 
-def build_kb_router(service: KnowledgeBaseService, guard: Any, deps: list[Any]) -> APIRouter:
+def build_kb_router(service: KnowledgeBaseService, guard: Any, deps: list[Any],
+                    reranker: Callable[[], ChatReranker]) -> APIRouter:
     router = APIRouter(prefix="/v1/knowledge_bases", dependencies=deps)
 
     @router.get("")
@@ -178,7 +183,8 @@ def build_kb_router(service: KnowledgeBaseService, guard: Any, deps: list[Any]) 
     async def query(name: str, body: KnowledgeBaseQuery, request: Request) -> dict[str, Any]:
         """The passages most relevant to `query`, best first."""
         kb = await service.open(name, owner_of(guard, request))
-        hits = await kb.query(body.query, body.k, body.mode)
+        hits = await kb.query(body.query, body.k, body.mode, fusion=body.fusion,
+                              reranker=reranker() if body.rerank else None)
         return {"object": "list", "data": [hit_dict(h) for h in hits]}
 
     return router

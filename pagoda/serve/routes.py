@@ -69,8 +69,9 @@ def build_router(state: Any) -> APIRouter:
 
     @router.get("/v1/models", dependencies=guard)
     async def list_models() -> dict[str, Any]:
-        """The served model, then its aliases."""
-        return {"object": "list", "data": [state.model_card(m) for m in state.listed_models]}
+        """The served model, then its aliases, then "BASE:ADAPTER" for each loaded adapter."""
+        return {"object": "list", "data": [state.model_card(m) for m in
+                                           [*state.listed_models, *state.adapter_models]]}
 
     @router.get("/v1/models/{model:path}", dependencies=guard)
     async def get_model(model: str) -> dict[str, Any]:
@@ -208,7 +209,7 @@ async def _chat(state: Any, body: ChatCompletionRequest, request: Request) -> Re
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     citations = None
     if body.knowledge_base is not None:
-        grounding = await ground(state, body.knowledge_base, messages, request)
+        grounding = await ground(state, body.knowledge_base, messages, request, body.rerank)
         if not grounding.citations:  # nothing relevant: say so without asking the model
             return _canned_chat(state, body, model, request, NOT_FOUND)
         messages, citations = grounding.messages, citation_dicts(grounding.citations)
@@ -231,7 +232,8 @@ async def _chat(state: Any, body: ChatCompletionRequest, request: Request) -> Re
     rid = f"chatcmpl-{request.state.request_id}"
     created = int(time.time())
     streams = ChoiceStreams(state.engine, tok, state.metrics, started)
-    await streams.start([ids] * body.n, _choice_params(params, body.n), rid)
+    await streams.start([ids] * body.n, _choice_params(params, body.n), rid,
+                        state.adapter_of(model))
     want_logprobs = bool(body.logprobs)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -392,6 +394,10 @@ async def _complete(state: Any, body: CompletionRequest, request: Request) -> Re
     if body.best_of is not None and body.best_of != body.n:
         raise with_param(NotSupportedError("best_of is not supported (only best_of = n)."),
                          "best_of")
+    if state.adapter_of(model) is not None and body.echo and body.logprobs is not None:
+        raise with_param(NotSupportedError(
+            "prompt logprobs (echo with logprobs) are scored by the base model only; request "
+            "them without an adapter."), "model")
     prompts = _prompts(state, body)
     max_tokens = LEGACY_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     want_logprobs = body.logprobs is not None
@@ -417,7 +423,7 @@ async def _complete(state: Any, body: CompletionRequest, request: Request) -> Re
     if max_tokens > 0:
         all_ids = [ids for _, ids in prompts for _ in range(n)]
         all_params = [p for _ in prompts for p in _choice_params(params, n)]
-        await streams.start(all_ids, all_params, rid)
+        await streams.start(all_ids, all_params, rid, state.adapter_of(model))
     if body.stream:
         gen = _complete_stream(state, streams, request, rid, created, model, prompts, n,
                                echo_texts, want_logprobs,

@@ -89,6 +89,8 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
     # Pagoda extension: answer from this knowledge base's passages, with `citations`.
     knowledge_base: str | None = None
+    # With knowledge_base: let the model reorder the retrieved passages by relevance first.
+    rerank: bool = False
 
 
 class CompletionRequest(_Sampling):

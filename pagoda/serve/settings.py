@@ -11,6 +11,9 @@ A settings file holds the same keys as `ServeSettings`, e.g. (TOML):
     max_running = 32
     kv_cache_tokens = 65536
 
+    [adapters]            # LoRA adapters: request them as "model": "BASE:contracts"
+    contracts = "runs/contracts-lora"
+
 Environment: PAGODA_API_KEYS (comma-separated keys; added to those of the file).
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +37,7 @@ DEFAULT_ALIASES = ("deepseek-chat", "gpt-3.5-turbo", "gpt-4o-mini")
 DEFAULT_EMBEDDING_MODEL = "minilm-l6"
 EMBEDDING_ALIASES = ("text-embedding-3-small", "text-embedding-ada-002")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+ADAPTER_NAME = re.compile(r"[\w.-]{1,64}")
 
 
 @dataclass
@@ -73,6 +78,12 @@ class ServeSettings:
     max_upload_mb: int = 50
     # Fields of pagoda.infer.engine.EngineConfig to override (max_running, max_waiting, ...).
     engine: dict[str, Any] = field(default_factory=dict)
+    # LoRA adapters to load at start, name -> PEFT adapter folder; requests pick one with
+    # "model": "BASE:NAME" (more can be loaded at run time: POST /v1/load_lora_adapter).
+    adapters: dict[str, str] = field(default_factory=dict)
+    # Keys that may load and unload adapters (they are API keys too). With auth off (loopback
+    # only) anyone local may; with api_keys but no admin_keys, nobody may at run time.
+    admin_keys: list[str] = field(default_factory=list)
     # Device and dtype to load the model on (None: best available).
     device: str | None = None
     dtype: str | None = None
@@ -93,8 +104,8 @@ class ServeSettings:
                 continue
             if name == "api_keys":
                 value = [*values.get("api_keys", []), *value]
-            elif name == "engine":
-                value = {**values.get("engine", {}), **value}
+            elif name in ("engine", "adapters"):
+                value = {**values.get(name, {}), **value}
             values[name] = value
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -124,6 +135,14 @@ class ServeSettings:
                               f"got {self.default_max_tokens!r}")
         if not isinstance(self.engine, dict):
             raise ConfigError("engine must be a table of EngineConfig fields")
+        if not isinstance(self.adapters, dict) or not all(
+                isinstance(v, str) for v in self.adapters.values()):
+            raise ConfigError("adapters must map adapter names to adapter folders")
+        for name in self.adapters:
+            check_adapter_name(name)
+        if not isinstance(self.admin_keys, list) or not all(
+                isinstance(k, str) and k for k in self.admin_keys):
+            raise ConfigError("admin_keys must be a list of non-empty strings")
 
     @property
     def vector_store_uri(self) -> str | None:
@@ -133,7 +152,7 @@ class ServeSettings:
     @property
     def auth_enabled(self) -> bool:
         """Whether /v1/* needs an API key."""
-        return bool(self.api_keys)
+        return bool(self.api_keys or self.admin_keys)
 
     def engine_config(self) -> Any:
         """The EngineConfig these settings describe (unknown fields raise ConfigError)."""
@@ -145,6 +164,13 @@ class ServeSettings:
             raise ConfigError(f"unknown engine setting(s) {', '.join(unknown)}; "
                               f"known: {', '.join(sorted(known))}")
         return EngineConfig(**self.engine)
+
+
+def check_adapter_name(name: object) -> str:
+    """An adapter name usable after the ':' of "BASE:NAME" (ConfigError otherwise)."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise ConfigError(f"bad adapter name {name!r}: use 1-64 letters, digits, '_', '-' or '.'")
+    return name
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:

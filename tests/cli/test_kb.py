@@ -61,6 +61,11 @@ def test_kb_lifecycle(capsys, kb_name, tmp_path, smol_gguf, minilm):
     hits = json.loads(out)
     assert code == 0 and hits[0]["source"] == str(leave) and "16 weeks" in hits[0]["text"]
     assert set(hits[0]) >= {"source", "text", "score"}
+    code, out, _ = cli(capsys, "kb", "query", kb_name, "paid parental leave", "--k", "2",
+                       "--fusion", "rrf", "--rerank", "--json")
+    reranked = json.loads(out)
+    assert code == 0 and reranked[0]["source"] == str(leave)
+    assert reranked[0]["score"] > reranked[1]["score"]  # SmolLM2's P(yes) for each passage
 
     code, out, _ = cli(capsys, "kb", "ask", kb_name, "How many weeks of parental leave?",
                        "--json", "--max-tokens", "24")

@@ -52,6 +52,15 @@ def test_stop_string_ends_the_reply_before_it(chat):
     assert chat.engine.stats.running == 0 and chat.engine.stats.kv_blocks_used == 0
 
 
+def test_top_logprobs_of_the_first_token(chat, smol):
+    reply = asyncio.run(chat.chat(MESSAGES, max_tokens=3, top_logprobs=5))
+    first = reply.first_token_logprobs
+    assert len(first) == 5 and [lp for _, lp in first] == sorted((lp for _, lp in first),
+                                                                 reverse=True)
+    assert reply.text.startswith(first[0][0])  # greedy: the likeliest token is the one produced
+    assert asyncio.run(chat.chat(MESSAGES, max_tokens=3)).first_token_logprobs == []
+
+
 def test_local_embeddings(minilm):
     from pagoda.infer.embed import EmbeddingEngine
     from pagoda.infer.embed_worker import AsyncEmbedder

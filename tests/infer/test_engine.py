@@ -123,3 +123,106 @@ def test_async_engine_streams_and_cancels(model):
             engine.shutdown()
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- LoRA adapters per request
+def make_adapter(base: Transformer, folder, seed: int):
+    """A saved-and-loaded PEFT adapter with random (non-zero) A and B for `base`."""
+    import copy
+
+    from pagoda.model.lora import LoraConfig, add_lora, load_adapter, lora_parameters, save_adapter
+
+    trained = copy.deepcopy(base)
+    add_lora(trained, LoraConfig(r=4, alpha=8, dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(trained):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_adapter(trained, folder)
+    return load_adapter(folder)
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory):
+    """A fresh base model (not the shared one) and two adapters for it."""
+    torch.manual_seed(1)
+    base = Transformer(ModelConfig.from_name("tiny-llama", init_std=0.2)).eval()
+    root = tmp_path_factory.mktemp("adapters")
+    return base, {name: make_adapter(base, root / name, seed)
+                  for seed, name in enumerate(("a", "b"))}
+
+
+def with_adapter(base: Transformer, adapter, name: str) -> Transformer:
+    import copy
+
+    from pagoda.model.lora import attach_adapter, set_active_adapter
+
+    model = copy.deepcopy(base)
+    attach_adapter(model, adapter, name)
+    set_active_adapter(model, name)
+    return model
+
+
+@pytest.mark.parametrize("config", [EngineConfig(), EngineConfig(max_step_tokens=16)])
+def test_requests_for_different_adapters_share_one_batch(adapted, config):
+    import copy
+
+    base, adapters = adapted
+    engine = Engine(copy.deepcopy(base), EOS, config)
+    for name, adapter in adapters.items():
+        engine.add_adapter(name, adapter)
+    assert engine.adapters == ["a", "b"]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    requests = {f"r{i}": (p, [None, "a", "b"][i % 3]) for i, p in enumerate(prompts(6, seed=3))}
+    for rid, (p, adapter) in requests.items():
+        engine.add_request(rid, p, params) if adapter is None else engine.admit(
+            engine.prepare(rid, p, params, adapter))
+    got = run_all(engine)
+    models = {None: base, **{n: with_adapter(base, a, n) for n, a in adapters.items()}}
+    for rid, (p, adapter) in requests.items():
+        assert got[rid] == reference(models[adapter], p, params), (rid, adapter)
+    assert got["r1"] != reference(base, requests["r1"][0], params)  # the adapter matters
+
+
+def test_adapter_errors_and_unloading(adapted):
+    import copy
+
+    from pagoda.errors import ModelNotFoundError
+    from pagoda.infer.engine import AdapterInUseError
+
+    base, adapters = adapted
+    engine = Engine(copy.deepcopy(base), EOS)
+    with pytest.raises(ModelNotFoundError, match="no LoRA adapter named 'a'"):
+        engine.prepare("x", [5, 6], SamplingParams(max_tokens=2), "a")
+    engine.add_adapter("a", adapters["a"])
+    with pytest.raises(InvalidRequestError, match="already loaded"):
+        engine.add_adapter("a", adapters["a"])
+    engine.admit(engine.prepare("x", [5, 6], SamplingParams(max_tokens=3), "a"))
+    with pytest.raises(AdapterInUseError, match="in use by 1"):
+        engine.remove_adapter("a")
+    run_all(engine)
+    engine.remove_adapter("a")
+    assert engine.adapters == []
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(engine.model(ids), base(ids))  # the base is back
+
+
+def test_async_engine_loads_adapters_between_steps(adapted):
+    import copy
+
+    base, adapters = adapted
+    engine = AsyncEngine(Engine(copy.deepcopy(base), EOS))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    async def go():
+        await engine.call(lambda e: e.add_adapter("b", adapters["b"]))
+        with pytest.raises(InvalidRequestError, match="already loaded"):
+            await engine.call(lambda e: e.add_adapter("b", adapters["b"]))
+        return [out.token_id async for out in engine.generate([7, 8, 9], params, adapter="b")]
+
+    try:
+        got = asyncio.run(go())
+    finally:
+        engine.shutdown()
+    assert got == reference(with_adapter(base, adapters["b"], "b"), [7, 8, 9], params)

@@ -251,3 +251,38 @@ def test_attention_mask_is_refused_with_a_cache():
     with pytest.raises(ValueError, match="uncached"):
         model(torch.randint(0, 64, (1, 3)), cache=cache,
               attention_mask=torch.ones(1, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "baby-gpt"])
+def test_packed_segments_equal_each_sequence_alone(name):
+    """Two sequences packed in one row (positions restarting, padding after) keep their logits."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(name, init_std=0.3)).eval()
+    first, second = torch.randint(1, 64, (7,)), torch.randint(1, 64, (5,))
+    ids = torch.cat([first, second, torch.zeros(3, dtype=torch.long)])[None]  # (1, 15)
+    segments = torch.tensor([[1] * 7 + [2] * 5 + [0] * 3])
+    positions = torch.tensor([list(range(7)) + list(range(5)) + [0, 1, 2]])
+    packed = model(ids, positions=positions, segments=segments)[0]
+    torch.testing.assert_close(packed[:7], model(first[None])[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[7:12], model(second[None])[0], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(packed).all()  # padding sees itself, so no all-masked softmax row
+    # Without segments the second sequence would attend to the first.
+    leaky = model(ids, positions=positions)[0]
+    assert (leaky[7:12] - packed[7:12]).abs().max() > 1e-3
+
+
+def test_one_segment_equals_plain_causal():
+    model = Transformer(tiny()).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(model(ids, segments=torch.ones_like(ids)), model(ids),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_segments_are_refused_with_a_cache():
+    from pagoda.model.kv_cache import KVCache
+
+    cfg = tiny()
+    model = Transformer(cfg).eval()
+    cache = KVCache(cfg, batch_size=1, max_len=8)
+    with pytest.raises(ValueError, match="uncached"):
+        model(torch.randint(0, 64, (1, 3)), cache=cache, segments=torch.ones(1, 3, dtype=torch.long))

@@ -23,13 +23,17 @@ def test_http_chat_and_embeddings(tiny_server):
         emb = HTTPEmbeddings(f"{tiny_server.base_url}/v1", "minilm-l6")
         try:
             reply = await chat.chat([{"role": "user", "content": "Hi"}], max_tokens=5)
+            scored = await chat.chat([{"role": "user", "content": "Hi"}], max_tokens=1,
+                                     top_logprobs=4)
             vectors = await emb.embed(["a cat", "a dog"])
         finally:
             await chat.close()
             await emb.close()
-        return reply, vectors
+        return reply, vectors, scored
 
-    reply, vectors = run(go())
+    reply, vectors, scored = run(go())
+    assert len(scored.first_token_logprobs) == 4
+    assert scored.first_token_logprobs[0][0] == scored.text
     assert reply.completion_tokens <= 5 and reply.finish_reason in {"stop", "length"}
     assert reply.prompt_tokens > 0
     assert vectors.shape == (2, 384) and vectors.dtype == np.float32

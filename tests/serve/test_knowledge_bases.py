@@ -57,6 +57,12 @@ def test_knowledge_base_lifecycle(server):
     hits = http.post("/v1/knowledge_bases/hr-policies/query", headers=a,
                      json={"query": "paid parental leave", "k": 1}).json()["data"]
     assert hits[0]["source"] == "leave.md" and "16 weeks" in hits[0]["text"]
+    reranked = http.post("/v1/knowledge_bases/hr-policies/query", headers=a, json={
+        "query": "paid parental leave", "k": 2, "fusion": "rrf", "rerank": True}).json()["data"]
+    assert len(reranked) == 2 and all(0.0 <= h["score"] <= 1.0 for h in reranked)  # P(yes)
+    bad = http.post("/v1/knowledge_bases/hr-policies/query", headers=a,
+                    json={"query": "leave", "fusion": "borda"})
+    assert bad.status_code == 400 and "fusion" in bad.json()["error"]["message"]
 
     removed = http.delete("/v1/knowledge_bases/hr-policies/documents/office.md", headers=a)
     assert removed.json()["deleted"] is True
@@ -120,6 +126,11 @@ def test_chat_grounded_on_a_knowledge_base(start_server, smol, tmp_path):
     assert reply.choices[0].message.content
     assert body["citations"][0]["source"] == "leave.md"
     assert "16 weeks" in body["citations"][0]["text"]
+
+    reranked = client.chat.completions.create(
+        model="deepseek-chat", messages=ask, max_tokens=5,
+        extra_body={"knowledge_base": "handbook", "rerank": True}).model_dump()
+    assert reranked["citations"][0]["source"] == "leave.md"
 
     absent = [{"role": "user", "content": "What is the boiling point of tungsten in kelvin?"}]
     reply = client.chat.completions.create(model="deepseek-chat", messages=absent,

@@ -25,6 +25,7 @@ from torch import nn
 from pagoda.model.attention import Attention, Rotary
 from pagoda.model.ffn import FeedForward
 from pagoda.model.kv_cache import AttentionCache
+from pagoda.model.lora import LoRALinear
 from pagoda.model.norm import RMSNorm
 from pagoda.model.transformer import Block
 from pagoda.paths import pagoda_home
@@ -58,6 +59,20 @@ def native_available() -> bool:
 def _native(x: torch.Tensor) -> bool:
     """Whether this call may take a kernel: fp32 on CPU, no autograd."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+def _dense(*projections: nn.Module) -> bool:
+    """Whether these projections hold float weight matrices the kernels can fuse (not int4/int8
+    QuantizedLinear layers, whose weights exist only dequantized inside their forward)."""
+    return all(isinstance(p.base if isinstance(p, LoRALinear) else p, nn.Linear)
+               for p in projections)
+
+
+def _adapted(*projections: nn.Module) -> bool:
+    """Whether a LoRA adapter changes any of these projections in this pass (their fused
+    weights would skip it): an active unmerged adapter, or per-token routing."""
+    return any(isinstance(p, LoRALinear) and (p.routing is not None or (
+        p.active is not None and p.active not in p.merged)) for p in projections)
 
 
 class SkinnyLinear(nn.Linear):
@@ -120,7 +135,8 @@ class NativeFeedForward(FeedForward):
     """Gated FFN whose gate and up projections run as one matrix product."""
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_proj is None or not _native(x):
+        if (self.gate_proj is None or not _native(x) or not hasattr(self, "_gate_up")
+                or _adapted(self.gate_proj, self.up_proj)):
             return super().hidden(x)
         gate, up = _linear(x, *self._gate_up).chunk(2, dim=-1)
         return self.act(gate) * up
@@ -130,7 +146,8 @@ class NativeAttention(Attention):
     """Attention with q/k/v from one matrix product and one-token decode over the cached keys."""
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not _native(x):
+        if (not _native(x) or not hasattr(self, "_qkv")
+                or _adapted(self.q_proj, self.k_proj, self.v_proj)):
             return super().project(x)
         B, T, _ = x.shape
         heads = _linear(x, *self._qkv).view(B, T, self.n_head + 2 * self.n_kv, self.hd)
@@ -153,11 +170,12 @@ class NativeBlock(Block):
         B, T, D = x.shape
         view = getattr(cache, "decode_view", None)
         view = view(self.attn.layer) if view is not None and T == 1 else None
+        attn, ffn = self.attn, self.ffn
         if (view is None or rope is None or not self._fusable or B > MAX_ROWS or self.training
-                or not _native(x)):
+                or not _native(x) or _adapted(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                              ffn.gate_proj, ffn.up_proj, ffn.down_proj)):
             return super().forward(x, rope, cache, mask)
         k_pool, v_pool, new_slots, tables, lengths, block_size = view
-        attn, ffn = self.attn, self.ffn
         y = torch.ops.pagoda_kernels.decode_block(
             x.reshape(B, D), self.attn_norm.weight, self.ffn_norm.weight, self.attn_norm.eps,
             *attn._qkv, attn.o_proj.weight, attn.o_proj.bias, *ffn._gate_up,
@@ -188,10 +206,11 @@ def use_native_kernels(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) in _SWAPS:
             module.__class__ = _SWAPS[type(module)]
-        if type(module) is NativeAttention and not hasattr(module, "_qkv"):
+        if (type(module) is NativeAttention and not hasattr(module, "_qkv")
+                and _dense(module.q_proj, module.k_proj, module.v_proj)):
             module._qkv = _fuse([module.q_proj, module.k_proj, module.v_proj])
         elif (type(module) is NativeFeedForward and module.gate_proj is not None
-              and not hasattr(module, "_gate_up")):
+              and not hasattr(module, "_gate_up") and _dense(module.gate_proj, module.up_proj)):
             module._gate_up = _fuse([module.gate_proj, module.up_proj])
     for module in model.modules():  # after the swaps above: fusability reads the new types
         if type(module) is NativeBlock:
