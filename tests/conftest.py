@@ -41,3 +41,27 @@ def minilm():
     from pagoda.hub.loader import load_model
 
     return load_model("minilm-l6", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def random_adapter():
+    """Factory: save(base, folder, seed) writes a PEFT LoRA adapter for `base` whose A and B are
+    random and non-zero (a fresh adapter's B is zero and would change nothing); returns the
+    folder as a string."""
+    import copy
+
+    import torch
+
+    from pagoda.model.lora import LoraConfig, add_lora, lora_parameters, save_adapter
+
+    def save(base, folder: Path, seed: int) -> str:
+        trained = copy.deepcopy(base)
+        add_lora(trained, LoraConfig(r=4, alpha=8, dropout=0.0))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in lora_parameters(trained):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        save_adapter(trained, folder)
+        return str(folder)
+
+    return save

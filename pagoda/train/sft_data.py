@@ -125,9 +125,9 @@ def parse_record(record: Any, where: str) -> Conversation:
     if not isinstance(record, dict):
         raise DatasetError(f"{where}: a record must be a JSON object, not {type(record).__name__}")
     if "messages" in record:
-        chat = _openai(record["messages"], where)
+        chat = _messages(record["messages"], OPENAI, where)
     elif "conversations" in record:
-        chat = _sharegpt(record["conversations"], where)
+        chat = _messages(record["conversations"], SHAREGPT, where)
     elif "instruction" in record and "output" in record:
         chat = _alpaca(record, where)
     else:
@@ -155,33 +155,38 @@ def _text(value: Any, what: str, where: str) -> str:
     return value
 
 
-def _openai(messages: Any, where: str) -> Conversation:
-    chat = []
-    for n, message in enumerate(_turns(messages, "OpenAI", "messages", where), start=1):
-        if not isinstance(message, dict):
-            raise DatasetError(f"{where}: OpenAI message {n} must be an object with 'role' "
-                               f"and 'content', not {type(message).__name__}")
-        role = message.get("role")
-        if role not in OPENAI_ROLES:
-            raise DatasetError(f"{where}: OpenAI message {n} has role {role!r}; expected "
-                               f"{', '.join(OPENAI_ROLES)}")
-        content = _text(message.get("content"), f"OpenAI message {n} content", where)
-        chat.append({"role": role, "content": content})
-    return chat
+@dataclass(frozen=True)
+class _Format:
+    """How one chat format spells its turns: list key, role and text keys, role names."""
+
+    name: str
+    turns: str
+    role: str
+    text: str
+    roles: dict[str, str]  # the format's role name -> ours
+    expected: str  # the role names, as an error lists them
 
 
-def _sharegpt(turns: Any, where: str) -> Conversation:
+OPENAI = _Format("OpenAI", "messages", "role", "content", {r: r for r in OPENAI_ROLES},
+                 ", ".join(OPENAI_ROLES))
+SHAREGPT = _Format("ShareGPT", "conversations", "from", "value", SHAREGPT_ROLES,
+                   "human, gpt, system (or user, assistant)")
+
+
+def _messages(turns: Any, fmt: _Format, where: str) -> Conversation:
+    """A record's turn list in format `fmt` -> our {role, content} messages, validated."""
     chat = []
-    for n, turn in enumerate(_turns(turns, "ShareGPT", "conversations", where), start=1):
+    for n, turn in enumerate(_turns(turns, fmt.name, fmt.turns, where), start=1):
         if not isinstance(turn, dict):
-            raise DatasetError(f"{where}: ShareGPT message {n} must be an object with 'from' "
-                               f"and 'value', not {type(turn).__name__}")
-        role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn.get("from"), str) else None
+            raise DatasetError(f"{where}: {fmt.name} message {n} must be an object with "
+                               f"'{fmt.role}' and '{fmt.text}', not {type(turn).__name__}")
+        name = turn.get(fmt.role)
+        role = fmt.roles.get(name) if isinstance(name, str) else None
         if role is None:
-            raise DatasetError(f"{where}: ShareGPT message {n} has role {turn.get('from')!r}; "
-                               "expected human, gpt, system (or user, assistant)")
-        chat.append({"role": role, "content": _text(turn.get("value"),
-                                                    f"ShareGPT message {n} value", where)})
+            raise DatasetError(f"{where}: {fmt.name} message {n} has role {name!r}; expected "
+                               f"{fmt.expected}")
+        chat.append({"role": role, "content": _text(turn.get(fmt.text),
+                                                    f"{fmt.name} message {n} {fmt.text}", where)})
     return chat
 
 

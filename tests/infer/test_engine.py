@@ -126,29 +126,15 @@ def test_async_engine_streams_and_cancels(model):
 
 
 # ---------------------------------------------------------------------- LoRA adapters per request
-def make_adapter(base: Transformer, folder, seed: int):
-    """A saved-and-loaded PEFT adapter with random (non-zero) A and B for `base`."""
-    import copy
-
-    from pagoda.model.lora import LoraConfig, add_lora, load_adapter, lora_parameters, save_adapter
-
-    trained = copy.deepcopy(base)
-    add_lora(trained, LoraConfig(r=4, alpha=8, dropout=0.0))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(trained):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    save_adapter(trained, folder)
-    return load_adapter(folder)
-
-
 @pytest.fixture(scope="module")
-def adapted(tmp_path_factory):
+def adapted(tmp_path_factory, random_adapter):
     """A fresh base model (not the shared one) and two adapters for it."""
+    from pagoda.model.lora import load_adapter
+
     torch.manual_seed(1)
     base = Transformer(ModelConfig.from_name("tiny-llama", init_std=0.2)).eval()
     root = tmp_path_factory.mktemp("adapters")
-    return base, {name: make_adapter(base, root / name, seed)
+    return base, {name: load_adapter(random_adapter(base, root / name, seed))
                   for seed, name in enumerate(("a", "b"))}
 
 

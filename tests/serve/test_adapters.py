@@ -7,19 +7,10 @@ import copy
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 from pagoda.infer.generate import generate_tokens
 from pagoda.infer.sampling import SamplingParams
-from pagoda.model.lora import (
-    LoraConfig,
-    add_lora,
-    attach_adapter,
-    load_adapter,
-    lora_parameters,
-    save_adapter,
-    set_active_adapter,
-)
+from pagoda.model.lora import attach_adapter, load_adapter, set_active_adapter
 from pagoda.serve import ServeSettings
 
 from .conftest import serve, tiny_loaded
@@ -27,23 +18,12 @@ from .conftest import serve, tiny_loaded
 PROMPT = [1, 504, 3250, 28, 17, 30, 62]
 
 
-def save_random_adapter(base, folder, seed: int) -> str:
-    trained = copy.deepcopy(base)
-    add_lora(trained, LoraConfig(r=4, alpha=8, dropout=0.0))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(trained):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    save_adapter(trained, folder)
-    return str(folder)
-
-
 @pytest.fixture
-def setup(smol, tmp_path):
+def setup(smol, tmp_path, random_adapter):
     """A fresh tiny model (the server attaches adapters to it) and two adapter folders."""
     loaded = tiny_loaded(smol.tokenizer)
     base = copy.deepcopy(loaded.model)
-    paths = {n: save_random_adapter(base, tmp_path / n, s) for s, n in enumerate(("a", "b"))}
+    paths = {n: random_adapter(base, tmp_path / n, s) for s, n in enumerate(("a", "b"))}
     return loaded, base, paths
 
 
