@@ -142,9 +142,10 @@ class LoRALinear(nn.Module):
             self.active = None
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """B @ A * scaling (out, in) in float32: what merging adds to the base weight."""
-        A, B = self.lora_A[name].float(), self.lora_B[name].float()
-        return (B @ A) * self.configs[name].scaling
+        """B @ A * scaling (out, in), in float32 or wider: what merging adds to the base."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        return (B.to(dtype) @ A.to(dtype)) * self.configs[name].scaling
 
     def merge(self, name: str) -> None:
         """Add adapter `name` into the float base weight (no extra cost per token after)."""

@@ -126,7 +126,10 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return F.linear(x, self.dequantize(x.dtype), bias)
+        return _FrozenQuantizedMatmul.apply(x, self, bias)
+
 
     def weight_bytes(self) -> int:
         """Bytes this layer's weight occupies: the integers plus the scales (bias excluded)."""
@@ -140,6 +143,22 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}")
+
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    """x @ W.T (+ b) for a frozen quantized W that backward dequantizes again instead of
+    autograd keeping the float copy of every layer alive until then (QLoRA's memory saving:
+    only the integers and the input gradient path are needed)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad @ ctx.layer.dequantize(grad.dtype), None, None
+
 
 
 def shared_parameter_ids(model: nn.Module) -> set[int]:

@@ -3,6 +3,7 @@ round trips, and QLoRA (LoRA trained over a frozen quantized base)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pagoda.errors import ConfigError
@@ -158,3 +159,26 @@ def test_qlora_trains_only_the_adapter_and_lowers_the_loss():
     assert all(not torch.equal(p, p0) for p, p0 in zip(params, initial, strict=True))
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in frozen.items())  # base weights untouched
+
+
+def test_backward_recomputes_the_weight_instead_of_saving_it():
+    """Input gradients equal the dense layer's, and autograd keeps no float copy of W alive."""
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 96)
+    q = QuantizedLinear.from_linear(linear, bits=4, group_size=32)
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    dense_x = x.detach().clone().requires_grad_()
+    saved: list[int] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        y = q(x)
+    y.square().sum().backward()
+    reference = F.linear(dense_x, q.dequantize(), q.bias)
+    reference.square().sum().backward()
+    torch.testing.assert_close(y, reference)
+    torch.testing.assert_close(x.grad, dense_x.grad)
+    assert sum(saved) < q.dense_weight_bytes()  # nothing of W's size waits for backward
