@@ -3,8 +3,8 @@ from short contracts (benchmarks/finetune_task.py: English and Chinese, held-out
 templates) as one exact JSON line.
 
 The script writes the train/test sets, measures the base model's held-out exact-match, then for
-each method fine-tunes with the same time budget and scores exact-match on the test set with
-greedy decoding. Methods that change weights go through the engine
+each method fine-tunes with a time budget (`--minutes`; per method `--method-minutes`) and
+scores exact-match on the test set with greedy decoding. Methods that change weights go through the engine
 (`pagoda.infer.engine.generate`), LoRA and QLoRA merged first as `--merge` exports them; their
 runs check that merging changes nothing (the max |logit| difference between the adapter model
 and the merged one). Prompt/ptuning go through `prompt_tuning.generate_ids` (a KV cache after
@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
               "machine": machine_info(args.threads)}
     results = Path(args.results)
     write_json(result, results)
-    plot(summary, results.with_suffix(".png"), args.minutes)
+    budgets = {m: args.budget.get(m, args.minutes) for m in args.method_list}
+    plot(summary, results.with_suffix(".png"), budgets)
     print_table(summary, runs)
     print(json.dumps(summary))
 
@@ -261,19 +262,19 @@ def print_table(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> Non
             print(f"{method}: merged vs unmerged logits, max |diff| = {run['merge_max_diff']:.2e}")
 
 
-def plot(summary: dict[str, Any], path: Path, minutes: float) -> None:
+def plot(summary: dict[str, Any], path: Path, budgets: dict[str, float]) -> None:
     plt = pyplot(path.name)
     if plt is None:
         return
-    names = list(summary["methods"])
-    scores = [summary["methods"][m]["exact_match"] or 0.0 for m in names]
+    names = [f"{m}\n{budgets[m]:g} min" for m in summary["methods"]]
+    scores = [row["exact_match"] or 0.0 for row in summary["methods"].values()]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(names, scores, color="tab:blue")
     if summary["base_exact_match"] is not None:
         ax.axhline(summary["base_exact_match"], ls="--", color="gray", label="base model")
         ax.legend()
     ax.set(ylabel="held-out exact-match", ylim=(0, 1),
-           title=f"SmolLM2-135M contract extraction, {minutes:g} min per method")
+           title="SmolLM2-135M contract extraction (training budget under each bar)")
     fig.tight_layout()
     save_png(fig, path)
 

@@ -239,11 +239,23 @@ def build_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: to
     return model.eval()
 
 
-def _atomic_json(path: Path, data: dict) -> None:
+def atomic_json(path: Path, data: dict) -> None:
+    """Write JSON to a temporary file, fsync it, rename it over `path`."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)
         f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path,
+                       metadata: dict[str, str]) -> None:
+    """Write tensors (moved to CPU, contiguous) the same way: temporary file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+              metadata=metadata)
+    with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
@@ -258,17 +270,13 @@ def save_hf_checkpoint(model: Transformer, folder: str | Path) -> Path:
         tensors, metadata = pagoda_to_hf(state, cfg), {"format": "pt"}
         hf_config = config_to_hf(cfg)
         hf_config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-        _atomic_json(folder / "config.json", hf_config)
+        atomic_json(folder / "config.json", hf_config)
     else:
         if cfg.tie_embeddings:
             state.pop("lm_head.weight")
         tensors, metadata = state, {"format": "pagoda"}
-    tmp = folder / "model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / "model.safetensors")
-    _atomic_json(folder / PAGODA_CONFIG, cfg.to_dict())
+    atomic_safetensors(tensors, folder / "model.safetensors", metadata)
+    atomic_json(folder / PAGODA_CONFIG, cfg.to_dict())
     _remove_stale(folder, keep_config_json=hf_compatible(cfg))
     return folder
 

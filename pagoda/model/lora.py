@@ -13,7 +13,6 @@ so `peft.PeftModel.from_pretrained` reads what Pagoda trains and Pagoda serves w
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,13 +23,14 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from pagoda.errors import ConfigError, ModelNotFoundError, WeightsError
 from pagoda.model.hf_checkpoint import (
-    _atomic_json,
     _read_json,
+    atomic_json,
+    atomic_safetensors,
     hf_tensor_name,
     pagoda_tensor_name,
 )
@@ -455,11 +455,8 @@ def save_adapter(model: nn.Module, folder: str | Path, name: str = "default",
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_json(folder / ADAPTER_CONFIG, peft_config)
-    tmp = folder / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    fsync_path(tmp)
-    os.replace(tmp, folder / ADAPTER_WEIGHTS)
+    atomic_json(folder / ADAPTER_CONFIG, peft_config)
+    atomic_safetensors(tensors, folder / ADAPTER_WEIGHTS, {"format": "pt"})
     fsync_path(folder)
     return folder
 

@@ -109,8 +109,9 @@ class ServeState:
     def model_card(self, name: str) -> dict[str, Any]:
         """The /v1/models entry of one model id (an adapter's names its base, as vLLM does)."""
         card = {"id": name, "object": "model", "created": self.created, "owned_by": "pagoda"}
-        if self.adapter_of(name) is not None:
-            card.update(parent=self.model_id, root=self.adapters.paths[self.adapter_of(name)])
+        adapter = self.adapter_of(name)
+        if adapter is not None:
+            card.update(parent=self.model_id, root=self.adapters.paths[adapter])
         return card
 
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from pagoda.errors import ConfigError
 from pagoda.model.device import pick_device
-from pagoda.model.hf_checkpoint import _atomic_json, save_hf_checkpoint
+from pagoda.model.hf_checkpoint import atomic_json, save_hf_checkpoint
 from pagoda.model.lora import DEFAULT_TARGETS, LoraConfig, add_lora, merge_and_unload, save_adapter
 from pagoda.model.quantized import QuantizedLinear, quantize_linears
 from pagoda.model.transformer import Transformer
@@ -409,7 +409,7 @@ def finetune(model: Transformer, tokenizer: Tokenizer, data_path: str | Path,
         "merged": str(merged) if merged else None, "loss_png": str(plot) if plot else None,
         **setup.notes, "config": cfg.to_dict(),
     }
-    _atomic_json(out / RESULT, result)
+    atomic_json(out / RESULT, result)
     return result
 
 

@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from pagoda.errors import ConfigError, ContextLengthError, InvalidRequestError, WeightsError
 from pagoda.model.config import ModelConfig
-from pagoda.model.hf_checkpoint import _atomic_json
+from pagoda.model.hf_checkpoint import atomic_json, atomic_safetensors
 from pagoda.model.kv_cache import AttendFn, KVCache
 from pagoda.model.transformer import Transformer
 from pagoda.tokenizer import Tokenizer
@@ -393,16 +392,6 @@ def generate_ids(model: Transformer, tokens: VirtualTokens | None, prompts: Sequ
 
 
 # ------------------------------------------------------------------ files
-def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path,
-                        metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-              metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _peft_config(tokens: VirtualTokens, base_model: str) -> dict:
     """adapter_config.json as PEFT writes it for these two methods (inference form)."""
     cfg = tokens.cfg
@@ -426,9 +415,9 @@ def save_virtual_tokens(tokens: VirtualTokens, model: Transformer, folder: str |
     """Write PEFT's adapter_config.json + adapter_model.safetensors, each atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_safetensors({TENSOR: tokens.saved_tensor(model).float()}, folder / WEIGHTS_FILE,
+    atomic_safetensors({TENSOR: tokens.saved_tensor(model).float()}, folder / WEIGHTS_FILE,
                         {"format": "pt", "pagoda_method": tokens.method})
-    _atomic_json(folder / CONFIG_FILE, _peft_config(tokens, base_model))
+    atomic_json(folder / CONFIG_FILE, _peft_config(tokens, base_model))
     return folder
 
 
