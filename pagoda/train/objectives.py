@@ -57,6 +57,24 @@ def masked_lm(mask_id: int, vocab_size: int, probability: float) -> Objective:
     return loss
 
 
+class ObjectiveLoss(nn.Module):
+    """A model and its objective as one module mapping a batch (x, y) to the loss.
+
+    Compiling this, not the bare model, puts the forward and the loss in one graph: the fp32
+    upcast and the cross-entropy fuse into a pass over the bf16 logits instead of writing fp32
+    copies of them (about a fifth of a GPT-2 step on a GPU); and DDP wraps exactly what a step
+    calls. It owns no parameters of its own: `model` keeps its names in checkpoints.
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.objective(self.model, x, y)
+
+
 def find_mask_id(tokenizer, configured: int | None) -> int:
     """The mask token id: the configured one, else the tokenizer's [MASK] or <mask>."""
     if configured is not None:

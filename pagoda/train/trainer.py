@@ -42,7 +42,13 @@ from pagoda.tokenizer import Tokenizer
 from pagoda.train.checkpoint import find_resume, load_trainer_state, load_weights, save_checkpoint
 from pagoda.train.config import PretrainConfig
 from pagoda.train.metrics import MetricsLog, flops_per_token, peak_flops, plot_losses
-from pagoda.train.objectives import Objective, causal_lm, find_mask_id, masked_lm
+from pagoda.train.objectives import (
+    Objective,
+    ObjectiveLoss,
+    causal_lm,
+    find_mask_id,
+    masked_lm,
+)
 from pagoda.train.optim import build_optimizer, learning_rate, set_learning_rate
 
 
@@ -100,28 +106,28 @@ class Trainer:
         self.model.checkpoint_blocks = t.activation_checkpointing
         self.fsdp = t.fsdp and self.dist.world_size > 1
         self.ddp: DDP | None = None
-        self.forward = self._wrap(self.model)
+        self.loss = self._wrap(ObjectiveLoss(self.model, self._objective()))  # (x, y) -> loss
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.dtype == "float16")
         self.loader = BatchLoader(self.train_data, d.block_size, d.batch_size, seed=t.seed,
                                   mode=d.loader, rank=self.dist.rank,
                                   world_size=self.dist.world_size)
-        self.objective = self._objective()
         self.step = 0
         seed_everything(t.seed + self.dist.rank)  # dropout and masking differ per rank
         if state is not None:
             self._restore(state)
 
     # ----------------------------------------------------------------- set-up
-    def _wrap(self, model: Transformer) -> torch.nn.Module:
-        """DDP or FSDP2 under torchrun, then torch.compile; returns what to call forward on."""
-        wrapped: torch.nn.Module = model
+    def _wrap(self, step_loss: ObjectiveLoss) -> torch.nn.Module:
+        """FSDP2 (sharding the model inside) or DDP under torchrun, then torch.compile; returns
+        what a step calls."""
+        wrapped: torch.nn.Module = step_loss
         if self.fsdp:
-            for block in model.layers:
+            for block in self.model.layers:
                 fully_shard(block)
-            fully_shard(model)
+            fully_shard(self.model)
         elif self.dist.world_size > 1:
-            self.ddp = wrapped = DDP(model, device_ids=[self.device.index]
+            self.ddp = wrapped = DDP(step_loss, device_ids=[self.device.index]
                                      if self.device.type == "cuda" else None)
         return torch.compile(wrapped) if self.cfg.train.compile else wrapped
 
@@ -157,7 +163,7 @@ class Trainer:
             x, y = (b.to(self.device, non_blocking=True) for b in self.loader.next())
             with self._grad_sync(micro == accum - 1):
                 with self._autocast():
-                    loss = self.objective(self.forward, x, y)
+                    loss = self.loss(x, y)
                     if self.model_cfg.n_experts:
                         loss = loss + self.model_cfg.moe_aux_loss_coef * self.model.aux_loss
                 self.scaler.scale(loss / accum).backward()
@@ -182,7 +188,7 @@ class Trainer:
             for _ in range(t.eval_batches):
                 x, y = (b.to(self.device) for b in loader.next())
                 with self._autocast():
-                    total += self.objective(self.forward, x, y).float()
+                    total += self.loss(x, y).float()
         self.model.train()
         return self._mean_over_ranks(total / t.eval_batches)
 

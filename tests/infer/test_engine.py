@@ -212,3 +212,21 @@ def test_async_engine_loads_adapters_between_steps(adapted):
     finally:
         engine.shutdown()
     assert got == reference(with_adapter(base, adapters["b"], "b"), [7, 8, 9], params)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_on_cuda_matches_the_cpu(model, monkeypatch):
+    """Continuous batching over the paged cache on a GPU (no native kernels there) gives the
+    CPU engine's greedy tokens."""
+    import copy
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    gpu = copy.deepcopy(model).cuda()
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    got = {}
+    for name, m in (("cpu", model), ("cuda", gpu)):
+        engine = Engine(m, EOS, EngineConfig(max_step_tokens=32))
+        for i, p in enumerate(prompts(6, seed=5)):
+            engine.add_request(f"r{i}", p, sp)
+        got[name] = run_all(engine)
+    assert got["cuda"] == got["cpu"]

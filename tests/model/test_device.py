@@ -60,3 +60,39 @@ def test_cuda_dtype_choice(monkeypatch):
     assert pick_dtype(torch.device("cuda")) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert pick_dtype(torch.device("cuda")) is torch.float16
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SMALL = {  # one small model of each family: the switches differ, not the code
+    "tiny-llama": {},  # RoPE, GQA, RMSNorm, SwiGLU
+    "tiny-moe": {},  # mixture-of-experts FFN
+    "gpt2": dict(n_layer=2, d_model=64, n_head=4, d_ff=256, vocab_size=512, max_seq_len=128),
+    "minilm-l6": dict(n_layer=2, d_model=64, n_head=4, d_ff=256, vocab_size=512),  # encoder
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("preset", SMALL)
+def test_cuda_forward_matches_cpu_float64(preset, monkeypatch):
+    """The same weights on the GPU give the float64 CPU logits: fp32 (TF32 off) to rounding,
+    bf16 autocast to bf16's precision."""
+    from pagoda.model.config import ModelConfig
+    from pagoda.model.transformer import Transformer
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name(preset, **SMALL[preset])).eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 40))
+    with torch.no_grad():
+        ref = model.double()(ids)
+        gpu = model.float().cuda()
+        fp32 = gpu(ids.cuda()).double().cpu()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = gpu(ids.cuda()).double().cpu()
+
+    def error(out):
+        return ((out - ref).norm() / ref.norm()).item()
+
+    assert error(fp32) < 1e-5
+    assert error(bf16) < 3e-2

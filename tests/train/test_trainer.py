@@ -118,3 +118,21 @@ def test_masked_lm_on_an_encoder(char_shards, tiny_config, tmp_path):
     summary = pretrain(cfg)
     assert summary["steps"] == 4 and torch.isfinite(torch.tensor(summary["val_loss"]))
     assert "sample" not in summary  # encoders are not sampled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype, compile", [("bfloat16", True), ("float16", False)])
+def test_cuda_mixed_precision_training(char_shards, tiny_config, tmp_path, dtype, compile):
+    """On a GPU, bf16 autocast (compiled) and fp16 with its grad scaler train: the loss falls
+    and the first step's loss matches the fp32 CPU run's (same seed, same batch)."""
+    def run(device, dtype, compile, out):
+        cfg = tiny_config(char_shards, tmp_path / out, model={"dropout": 0.0},
+                          train={"device": device, "dtype": dtype, "compile": compile,
+                                 "max_steps": 30, "eval_every": 0})
+        pretrain(cfg)
+        return [json.loads(line)["loss"]
+                for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    cpu, gpu = run("cpu", "float32", False, "cpu"), run("cuda", dtype, compile, dtype)
+    assert abs(gpu[0] - cpu[0]) < 2e-2
+    assert gpu[-1] < gpu[0] - 0.5
