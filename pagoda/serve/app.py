@@ -27,6 +27,7 @@ from pagoda.infer.scoring import PromptScorer
 from pagoda.rag.rerank import ChatReranker
 from pagoda.serve.adapter_routes import Adapters, build_adapter_router
 from pagoda.serve.auth import Guard
+from pagoda.serve.data_routes import build_data_router
 from pagoda.serve.embeddings import EmbedderSlot, build_embeddings_router
 from pagoda.serve.errors import install_error_handlers, with_param
 from pagoda.serve.generation import TokenStrings
@@ -185,6 +186,8 @@ def create_app(loaded: LoadedModel, settings: ServeSettings | None = None, *,
     app.include_router(build_embeddings_router(state.embedder, [Depends(state.guard)]))
     app.include_router(build_kb_router(state.knowledge, state.guard, [Depends(state.guard)],
                                        state.reranker))
+    app.include_router(build_data_router([Depends(state.guard)], settings.max_upload_mb * 2**20,
+                                         settings.webhook_secret))
     if STATIC_DIR.is_dir():
         app.router.routes.append(
             _UIMount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="ui"))

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from pagoda.errors import DocumentError, PagodaError
+from pagoda.errors import DocumentError
 from pagoda.rag.databases import open_database
 from pagoda.rag.kb import (
     DEFAULT_CHUNK_OVERLAP,
@@ -32,13 +32,7 @@ from pagoda.rag.kb import (
 from pagoda.rag.rerank import ChatReranker
 from pagoda.rag.store import FUSIONS, LANGUAGES, Hit
 from pagoda.serve.embeddings import EmbedderSlot
-
-
-class PayloadTooLargeError(PagodaError):
-    """An upload over the size limit."""
-
-    http_status = 413
-    code = "payload_too_large"
+from pagoda.serve.uploads import check_declared_size, read_upload
 
 
 class KnowledgeBaseCreate(BaseModel):
@@ -151,17 +145,13 @@ def build_kb_router(service: KnowledgeBaseService, guard: Any, deps: list[Any],
     @router.post("/{name}/documents")
     async def upload(name: str, request: Request, files: list[UploadFile]) -> dict[str, Any]:
         """Add or update documents (multipart `files`); unreadable ones are reported, not stored."""
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > service.max_upload_bytes * len(files) + 65536:
-            raise _too_large(service.max_upload_bytes)
+        check_declared_size(request, len(files), service.max_upload_bytes)
         kb = await service.open(name, owner_of(guard, request))
         done, failed = [], []
         async with service.lock(name):
             for upload_file in files:
-                data = await upload_file.read(service.max_upload_bytes + 1)
+                data = await read_upload(upload_file, service.max_upload_bytes)
                 source = upload_file.filename or "upload"
-                if len(data) > service.max_upload_bytes:
-                    raise _too_large(service.max_upload_bytes)
                 try:
                     result = await asyncio.to_thread(_add_blocking, kb, data, source)
                 except DocumentError as exc:
@@ -193,11 +183,6 @@ def build_kb_router(service: KnowledgeBaseService, guard: Any, deps: list[Any],
 def _add_blocking(kb: KnowledgeBase, data: bytes, source: str):
     """Ingest on a worker thread (parsing, splitting and the store's writes block)."""
     return asyncio.run(kb.add(data, source))
-
-
-def _too_large(limit: int) -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"the upload is larger than the limit of {limit // 2**20} MB "
-                                "per file (setting max_upload_mb)")
 
 
 def _card(m: Manifest) -> dict[str, Any]:

@@ -74,8 +74,11 @@ class ServeSettings:
     milvus_uri: str | None = None
     # Folder of the knowledge-base manifests; None: $PAGODA_HOME/kb.
     kb_dir: str | None = None
-    # Largest document upload accepted, per file (413 beyond it).
+    # Largest document upload accepted, per file, and webhook body (413 beyond it).
     max_upload_mb: int = 50
+    # Shared secret of POST /v1/data/{dataset}/webhook: when set, a delivery must carry
+    # 'X-Pagoda-Signature: sha256=<hex HMAC-SHA256 of the body>' (401 otherwise).
+    webhook_secret: str | None = None
     # Fields of pagoda.infer.engine.EngineConfig to override (max_running, max_waiting, ...).
     engine: dict[str, Any] = field(default_factory=dict)
     # LoRA adapters to load at start, name -> PEFT adapter folder; requests pick one with
@@ -143,6 +146,9 @@ class ServeSettings:
         if not isinstance(self.admin_keys, list) or not all(
                 isinstance(k, str) and k for k in self.admin_keys):
             raise ConfigError("admin_keys must be a list of non-empty strings")
+        if self.webhook_secret is not None and (
+                not isinstance(self.webhook_secret, str) or not self.webhook_secret):
+            raise ConfigError("webhook_secret must be a non-empty string or null")
 
     @property
     def vector_store_uri(self) -> str | None:

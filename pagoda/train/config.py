@@ -1,22 +1,25 @@
 """`PretrainConfig`: one YAML file (plus `--set section.key=value` overrides) describes a run.
 
-LitGPT's idea: the run is data, not code. Each section is a dataclass whose fields document the
-knob where it is defined; loading checks every key and type against them, so a typo or an
-impossible value stops the run at once with one line naming the field, not after an hour.
+Each section is a dataclass whose fields document the knob where it is defined;
+`pagoda.configfile` checks every key and type against them when the file is read.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from pagoda.configfile import (
+    apply_overrides,
+    build_section,
+    check,
+    check_sections,
+    field_type,
+    read_yaml,
+)
 from pagoda.errors import ConfigError
 from pagoda.model.config import ModelConfig
 
@@ -165,39 +168,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
                 data: dict[str, Any] | None = None) -> PretrainConfig:
     """Read YAML (or take `data`), apply `section.key=value` overrides, check every field."""
     if data is None:
-        data = _read_yaml(Path(path)) if path else {}
+        data = read_yaml(Path(path)) if path else {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of sections")
+        raise ConfigError("the config must be a mapping of sections")
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot or not name:
-            raise ConfigError(f"override {item!r} must look like section.key=value, "
-                              "e.g. optim.lr=3e-4")
-        if not isinstance(data.setdefault(section, {}), dict):
-            raise ConfigError(f"section {section!r} must be a mapping")
-        data[section][name] = _from_text(value.strip(), _hint(section, name))
+    apply_overrides(data, overrides, _hint)
     cfg = _build(data)
     cfg.validate()
     return cfg
 
 
-def _read_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read {path}: {' '.join(str(exc).split())}") from exc
-
-
 def _build(data: dict[str, Any]) -> PretrainConfig:
-    allowed = ["model", *SECTIONS]
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise ConfigError(f"unknown config section(s) {', '.join(unknown)} "
-                          f"(allowed: {', '.join(allowed)})")
+    check_sections(data, ["model", *SECTIONS])
     model = data.get("model") or {}
     if not isinstance(model, dict):
         raise ConfigError("section model must be a mapping")
@@ -205,104 +187,18 @@ def _build(data: dict[str, Any]) -> PretrainConfig:
     bad = sorted(set(model) - model_fields)
     if bad:
         raise ConfigError(f"unknown key model.{bad[0]} (allowed: {', '.join(sorted(model_fields))})")
-    model = {k: _check(v, _hint("model", k), f"model.{k}") for k, v in model.items()}
-    sections = {name: _section(cls, name, data.get(name) or {}) for name, cls in SECTIONS.items()}
+    model = {k: check(v, _hint("model", k), f"model.{k}") for k, v in model.items()}
+    sections = {name: build_section(cls, name, data.get(name) or {})
+                for name, cls in SECTIONS.items()}
     return PretrainConfig(model=model, **sections)
-
-
-def _section(cls: type, name: str, values: Any) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"section {name} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise ConfigError(f"unknown key {name}.{unknown[0]} (allowed: {', '.join(hints)})")
-    return cls(**{k: _check(v, hints[k], f"{name}.{k}") for k, v in values.items()})
 
 
 def _hint(section: str, name: str) -> Any:
     """The declared type of `section.name` (Any for keys that will be rejected later)."""
     if section == "model":
-        return str if name == "preset" else typing.get_type_hints(ModelConfig).get(name, Any)
+        return str if name == "preset" else field_type(ModelConfig, name)
     cls = SECTIONS.get(section)
-    return typing.get_type_hints(cls).get(name, Any) if cls else Any
-
-
-def _options(hint: Any) -> tuple[Any, ...]:
-    """The members of a union (X | None) or just (hint,)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return typing.get_args(hint)
-    return (hint,)
-
-
-def _check(value: Any, hint: Any, key: str) -> Any:
-    """`value` if it fits `hint` (ints widen to float, numeric strings such as YAML's '3e-4'
-    become floats, lists become tuples), else a ConfigError naming the key."""
-    for option in _options(hint):
-        ok, converted = _fits(value, option)
-        if ok:
-            return converted
-    raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r}")
-
-
-def _fits(value: Any, hint: Any) -> tuple[bool, Any]:
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True, value
-    if hint is type(None):
-        return value is None, None
-    if origin is Literal:
-        return value in typing.get_args(hint), value
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                pass
-        return False, value
-    if hint is str:
-        return isinstance(value, str), value
-    if origin is tuple and isinstance(value, (list, tuple)):
-        args = typing.get_args(hint)
-        if len(value) != len(args):
-            return False, value
-        pairs = [_fits(v, a) for v, a in zip(value, args, strict=True)]
-        return all(ok for ok, _ in pairs), tuple(v for _, v in pairs)
-    if origin in (dict, list):
-        return isinstance(value, origin), value
-    return False, value
-
-
-def _describe(hint: Any) -> str:
-    names = []
-    for option in _options(hint):
-        if typing.get_origin(option) is Literal:
-            names.append("one of " + ", ".join(map(str, typing.get_args(option))))
-        elif option is type(None):
-            names.append("null")
-        else:
-            names.append(getattr(option, "__name__", str(option)))
-    return " or ".join(names)
-
-
-def _from_text(text: str, hint: Any) -> Any:
-    """A command-line value typed by its field: YAML's reading when it fits, else the text
-    itself for string fields, or a comma-separated list for tuples (betas=0.9,0.99)."""
-    value = yaml.safe_load(text) if text else ""
-    options = _options(hint)
-    if any(_fits(value, option)[0] for option in options):
-        return value
-    if str in options:
-        return text
-    if typing.get_origin(hint) is tuple:
-        return [yaml.safe_load(part) for part in text.split(",")]
-    return value  # _check names the field and the type it wanted
+    return field_type(cls, name) if cls else Any
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

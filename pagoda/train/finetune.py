@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pagoda.configfile import check, from_text
 from pagoda.errors import ConfigError
 from pagoda.model.device import pick_device
 from pagoda.model.hf_checkpoint import atomic_json, save_hf_checkpoint
@@ -44,7 +45,7 @@ from pagoda.model.lora import DEFAULT_TARGETS, LoraConfig, add_lora, merge_and_u
 from pagoda.model.quantized import QuantizedLinear, quantize_linears
 from pagoda.model.transformer import Transformer
 from pagoda.tokenizer import Tokenizer
-from pagoda.train.config import OptimConfig, _check, _from_text
+from pagoda.train.config import OptimConfig
 from pagoda.train.metrics import MetricsLog, plot_losses
 from pagoda.train.optim import build_optimizer, set_learning_rate
 from pagoda.train.prompt_tuning import (
@@ -165,7 +166,7 @@ class FinetuneConfig:
             if types[key] == tuple[str, ...]:  # a comma-separated list: q_proj,v_proj
                 values[key] = tuple(part.strip() for part in text.split(",") if part.strip())
             else:
-                values[key] = _check(_from_text(text.strip(), types[key]), types[key], key)
+                values[key] = check(from_text(text.strip(), types[key]), types[key], key)
         return dataclasses.replace(self, **values)
 
     def to_dict(self) -> dict[str, Any]:
