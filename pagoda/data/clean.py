@@ -271,8 +271,9 @@ class CleanStep:
     boilerplate: BoilerplateLines | None = None
 
     def __call__(self, record: Record) -> Record | Drop:
-        text = clean_text(record.text, self.config,
-                          is_html=True if record.meta.get("format") == "html" else None)
+        # collect and crawl hand over an HTML file's text already extracted (meta format
+        # "html"); only text that still looks like markup (raw pages in a JSONL) is parsed
+        text = clean_text(record.text, self.config)
         meta = {}
         if self.boilerplate is not None and text:
             text, removed = self.boilerplate.remove(text)

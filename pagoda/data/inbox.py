@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -22,7 +21,7 @@ from typing import Any, Literal
 
 from pagoda.data.collect import SUPPORTED_SUFFIXES
 from pagoda.errors import DocumentError, InvalidRequestError, PagodaError
-from pagoda.paths import fsync_path, pagoda_home
+from pagoda.paths import atomic_write, fsync_path, pagoda_home
 
 DATASET_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 UNSAFE_CHARS = re.compile(r"[^\w.-]+")
@@ -134,15 +133,6 @@ def _store(folder: Path, name: str, data: bytes, kind: Literal["upload", "webhoo
     path = folder / name
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, data)  # a hidden temp file: collect skips it
         fsync_path(folder)
     return QueuedItem(name, len(data), kind, records)

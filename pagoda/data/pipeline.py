@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagoda.configfile import (
     apply_overrides,
@@ -46,6 +46,10 @@ from pagoda.data.pii import PiiConfig, pii_step
 from pagoda.data.quality import QualityConfig, QualityStep
 from pagoda.data.record import Drop, Record
 from pagoda.errors import ConfigError
+from pagoda.paths import atomic_write, fsync_path
+
+if TYPE_CHECKING:
+    from pagoda.tokenizer import Tokenizer
 
 BATCH_CHARS = 1 << 18  # characters per worker task: IPC and numpy costs shared, memory bounded
 STAGES = ("collect", "clean", "quality", "dedup", "boilerplate", "pii", "balance")
@@ -86,6 +90,12 @@ class OutputConfig:
     tokenizer: str | None = None
     val_fraction: float = 0.005
     workers: int = 0  # worker processes; 0: one per core
+
+    def __post_init__(self) -> None:  # checked now, not after the hours the stages take
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0 (0: one per core), got {self.workers}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)
@@ -145,22 +155,29 @@ class FirstPass:
 
 @dataclass(frozen=True)
 class SecondPass:
-    """Worker side of pass two: drop boilerplate lines (counted over kept documents), mask PII."""
+    """Worker side of pass two: drop boilerplate lines (counted over kept documents), mask PII.
+    Each result is (record or drop, PII counts, boilerplate lines removed): the counts come
+    from the stages themselves, never from meta, which may hold an input's own "pii" field."""
 
     boilerplate: BoilerplateLines | None
     pii: Callable[[Record], Record] | None
 
-    def __call__(self, records: list[Record]) -> list[Record | Drop]:
+    def __call__(self, records: list[Record]) -> list[tuple[Record | Drop, dict[str, int], int]]:
         return [self._one(r) for r in records]
 
-    def _one(self, record: Record) -> Record | Drop:
+    def _one(self, record: Record) -> tuple[Record | Drop, dict[str, int], int]:
+        removed = 0
         if self.boilerplate is not None:
             text, removed = self.boilerplate.remove(record.text)
             if not text:
-                return Drop("boilerplate", "only boilerplate lines")
+                return Drop("boilerplate", "only boilerplate lines"), {}, 0
             record = (record.evolve("boilerplate", text=text, boilerplate_lines=removed)
                       if removed else record.evolve("boilerplate"))
-        return self.pii(record) if self.pii is not None else record
+        if self.pii is None:
+            return record, {}, removed
+        masked = self.pii(record)
+        # the step sets meta["pii"] only when it masked something, and then the text changed
+        return masked, masked.meta["pii"] if masked.text != record.text else {}, removed
 
 
 def _run(record: Record, steps: list[Callable[[Record], Record | Drop]]) -> Record | Drop:
@@ -259,9 +276,11 @@ def prepare(inputs: list[str | Path], out_dir: str | Path,
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder; choose another --out")
+    _check_apart(inputs, out)
     workers = config.output.workers or os.cpu_count() or 1
     report = CollectReport()
     records = collect(inputs, config.collect, report)  # raises at once on a missing input
+    tokenizer = _tokenizer(config.output)  # a bad name fails now, not after every stage ran
     work = _work_dir(out)
     started = time.perf_counter()
     try:
@@ -274,15 +293,16 @@ def prepare(inputs: list[str | Path], out_dir: str | Path,
                                 work / "data.jsonl", bar, mapper)
         (work / "spool.jsonl").unlink()
         manifest = _manifest(inputs, config, ledger, report, data)
-        if config.output.tokenizer:
-            manifest["shards"] = _shards(work, config.output, workers)
-        _write_json(work / "manifest.json", manifest)
-        _write_text(work / "manifest.md", manifest_table(manifest))
+        if tokenizer is not None:
+            manifest["shards"] = _shards(work, tokenizer, config.output, workers)
+        atomic_write(work / "manifest.json",
+                     json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+        atomic_write(work / "manifest.md", manifest_table(manifest))
         _swap_into_place(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    manifest["elapsed_s"] = round(time.perf_counter() - started, 2)
+    manifest["elapsed_s"] = round(time.perf_counter() - started, 3)
     return manifest
 
 
@@ -332,12 +352,12 @@ def _second_pass(spool: Path, boilerplate: BoilerplateLines | None, config: Pipe
     work = SecondPass(boilerplate, pii_step(config.pii) if config.stages.pii else None)
     digest, written, size = hashlib.sha256(), 0, 0
     with open(data, "w", encoding="utf-8") as f:
-        for result in mapper(work, _spooled(spool), workers):
+        for result, pii, removed in mapper(work, _spooled(spool), workers):
             if isinstance(result, Drop):
                 ledger.drop(result)
                 continue
-            ledger.pii.update(result.meta.get("pii", {}))
-            ledger.boilerplate_lines += result.meta.get("boilerplate_lines", 0)
+            ledger.pii.update(pii)
+            ledger.boilerplate_lines += removed
             for copy in balanced(result, config.balance, ledger):
                 line = _dumps(copy.to_json())
                 f.write(line)
@@ -403,10 +423,20 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in counts.items()) or "none"
 
 
-def _shards(work: Path, output: OutputConfig, workers: int) -> dict[str, Any]:
+def _tokenizer(output: OutputConfig) -> Tokenizer | None:
+    """The tokenizer `output` names (loaded, pulled if need be), or None for no shards."""
+    if not output.tokenizer:
+        return None
+    from pagoda.data.tokenize import load_tokenizer
+
+    return load_tokenizer(output.tokenizer)
+
+
+def _shards(work: Path, tokenizer: Tokenizer, output: OutputConfig,
+            workers: int) -> dict[str, Any]:
     from pagoda.data.tokenize import tokenize_corpus
 
-    return tokenize_corpus([work / "data.jsonl"], output.tokenizer, work / "shards",
+    return tokenize_corpus([work / "data.jsonl"], tokenizer, work / "shards",
                            val_fraction=output.val_fraction, workers=workers)
 
 
@@ -425,21 +455,26 @@ def _dumps(row: dict[str, Any]) -> str:
     return json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=_plain) + "\n"
 
 
-def _write_json(path: Path, value: Any) -> None:
-    _write_text(path, json.dumps(value, ensure_ascii=False, indent=2) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+def _check_apart(inputs: list[str | Path], out: Path) -> None:
+    """Refuse an `out` that is, holds or lies inside an input folder: replacing it whole would
+    delete the inputs, and output inside an input would be read back as input next time."""
+    target = out.resolve()
+    for item in inputs:
+        if isinstance(item, str) and item.lower().startswith(("http://", "https://")):
+            continue
+        source = Path(item).resolve()
+        if source == target or target in source.parents or source in target.parents:
+            raise ConfigError(f"--out {out} overlaps the input {item}: the output folder is "
+                              "replaced whole, so it must lie outside every input")
 
 
 def _work_dir(out: Path) -> Path:
     """A fresh temporary folder beside `out` (same file system, so the final rename is
     atomic); leftovers of killed runs are removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    previous = sorted(out.parent.glob(f".{out.name}.tmp-old-*"))
+    if previous and not out.exists():  # killed between the two renames of the swap
+        os.replace(previous[-1], out)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     work = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -454,11 +489,7 @@ def _swap_into_place(work: Path, out: Path) -> None:
         os.replace(out, old)
     os.replace(work, out)
     shutil.rmtree(old, ignore_errors=True)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(out.parent)
 
 
 def _bar(enabled: bool, description: str):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from pagoda.errors import WeightsError
+from pagoda.paths import atomic_write
 
 # Tokens that end an assistant turn in common chat formats; any present in the vocab stop generation.
 END_OF_TURN_TOKENS = (
@@ -225,8 +225,8 @@ class Tokenizer:
             config["add_eos_token"] = self.add_eos_token
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _atomic_write(folder / "tokenizer.json", self.backend.to_str(pretty=True))
-        _atomic_write(
+        atomic_write(folder / "tokenizer.json", self.backend.to_str(pretty=True))
+        atomic_write(
             folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False)
         )
 
@@ -403,19 +403,5 @@ def _add_gguf_added_tokens(
 
 
 # ---------------------------------------------------------------------- misc
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file + rename so a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())

@@ -66,10 +66,11 @@ def test_html_is_detected_forced_or_left_alone():
     assert clean_text("<b>x</b> <i>y</i>", is_html=False) == "<b>x</b> <i>y</i>"
 
 
-def test_record_meta_format_html_forces_conversion():
-    record = Record("one <em>tag here", "page.html", meta={"format": "html"})
-    assert clean_step()(record).text == "one tag here"
-    assert clean_step()(Record("one <em>tag here", "a.txt")).text == "one <em>tag here"
+def test_text_already_extracted_from_html_is_not_parsed_again():
+    """collect gives an HTML file's text with meta format "html": its line breaks stay, and a
+    literal "<em>" in it is text."""
+    record = Record("first line\nsecond <em> line", "page.html", meta={"format": "html"})
+    assert clean_step()(record).text == "first line\nsecond <em> line"
 
 
 def test_html_parser_handles_unclosed_and_malformed_markup():
