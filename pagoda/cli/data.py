@@ -34,7 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="override one field, e.g. --set quality.languages=en,zh (repeatable)")
     p.add_argument("--tokenizer", help="also write token shards with this tokenizer (a folder, "
                                        "tokenizer.json or a model name)")
-    p.add_argument("--workers", type=int, help="worker processes (default: one per core)")
+    p.add_argument("--workers", type=int, help="worker processes (default: one per core); "
+                                               "with --ray and no cluster, local Ray's CPUs")
+    p.add_argument("--ray", action="store_true",
+                   help="run the per-record stages on Ray Data: the cluster at RAY_ADDRESS, "
+                        "else a local Ray (pip install 'pagoda[ray]')")
     p = add_verb(sub, "tokenize", "tokenize text/JSONL files into train and validation shards",
                  "pagoda data tokenize shakespeare.txt --tokenizer tok/ --out shards/ "
                  "--val-fraction 0.1", cmd_tokenize)
@@ -62,15 +66,20 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         overrides.append(f"output.tokenizer={args.tokenizer}")
     if args.workers is not None:
         overrides.append(f"output.workers={args.workers}")
-    manifest = prepare(args.inputs, args.out, load_pipeline_config(args.config, overrides),
-                       progress=not args.json)
+    config = load_pipeline_config(args.config, overrides)
+    if args.ray:
+        from pagoda.data.ray_runner import prepare_on_ray
+
+        manifest = prepare_on_ray(args.inputs, args.out, config, progress=not args.json)
+    else:
+        manifest = prepare(args.inputs, args.out, config, progress=not args.json)
     if args.json:
         print(json.dumps({"out": args.out, **manifest}, ensure_ascii=False))
         return
     mb = manifest["input_bytes"] / 1e6
     print(f"{args.out}: {manifest['output']['records']:,} records from "
           f"{manifest['input_records']:,} ({mb:.1f} MB in {manifest['elapsed_s']:.1f} s, "
-          f"{mb / max(manifest['elapsed_s'], 1e-9):.1f} MB/s)\n")
+          f"{mb / max(manifest['elapsed_s'], 1e-3):.1f} MB/s)\n")
     print(Path(args.out, "manifest.md").read_text(), end="")
 
 
