@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,3 +240,11 @@ def test_activation_checkpointing_gives_the_same_training(tmp_path, tokenizer, d
                                eval_every=0, activation_checkpointing=True)
     assert recomputed["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-5)
     assert not model.checkpoint_blocks  # switched off again once training is over
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_low_memory_fixes_the_mmap_threshold_in_its_own_process():
+    """`low_memory` changes the allocator of the whole process, so it is tried in a child."""
+    code = ("from pagoda.train.finetune import return_freed_memory; "
+            "import sys; sys.exit(0 if return_freed_memory() else 3)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
