@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pagoda.data import pipeline
+from pagoda.data.pii import luhn_ok, validate_cn_id
 from pagoda.data.pipeline import load_pipeline_config, manifest_table, prepare
 from pagoda.errors import ConfigError, DocumentError, ModelNotFoundError
 
@@ -57,24 +58,14 @@ ZH = (
 
 
 # ------------------------------------------------------------------------------- helpers
-def with_cn_id_check(first17: str) -> str:
-    """An 18-character resident ID: `first17` and its ISO 7064 MOD 11-2 check character."""
-    total = sum(int(digit) * (2 ** (17 - i) % 11) for i, digit in enumerate(first17))
-    check = (12 - total % 11) % 11
-    return first17 + ("X" if check == 10 else str(check))
+def completed(prefix: str, valid) -> str:
+    """`prefix` and the one check character that makes `valid` accept it (the checksums have
+    their own tests in test_pii.py)."""
+    return next(prefix + c for c in "0123456789X" if valid(prefix + c))
 
 
-def with_luhn_check(prefix: str) -> str:
-    """`prefix` and the digit that makes it pass the Luhn check."""
-    total = 0
-    for i, char in enumerate(reversed(prefix)):
-        value = int(char) * (2 if i % 2 == 0 else 1)
-        total += value - 9 if value > 9 else value
-    return prefix + str(-total % 10)
-
-
-CN_ID = with_cn_id_check("44030419850719123")
-CARD = with_luhn_check("453201511283036")
+CN_ID = completed("44030419850719123", validate_cn_id)
+CARD = completed("453201511283036", luhn_ok)
 CARD_GROUPED = " ".join(CARD[i:i + 4] for i in range(0, 16, 4))
 PII_LINES = (f"Write to the steward at john.doe@example.com or ring him on 138 1234 5678.\n"
              f"His resident ID is {CN_ID} and his card number is {CARD_GROUPED}.")
