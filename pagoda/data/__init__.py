@@ -1,4 +1,5 @@
-"""Data storey: corpora tokenized into memory-mapped token shards for training."""
+"""Data storey: raw documents into clean training text (`pagoda.data.pipeline`, the stages in
+their own modules) and corpora into memory-mapped token shards for training."""
 
 from pagoda.data.shards import ShardError, ShardWriter, TokenShards, token_dtype, write_index
 
