@@ -476,10 +476,24 @@ def _work_dir(out: Path) -> Path:
     if previous and not out.exists():  # killed between the two renames of the swap
         os.replace(previous[-1], out)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if not _running(stale.name.rpartition("-")[2]):  # not another run's work in progress
+            shutil.rmtree(stale, ignore_errors=True)
     work = out.parent / f".{out.name}.tmp-{os.getpid()}"
     work.mkdir()
     return work
+
+
+def _running(pid: str) -> bool:
+    """Whether process `pid` (from a work folder's name) is alive, other than this one."""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _swap_into_place(work: Path, out: Path) -> None:

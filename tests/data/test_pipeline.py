@@ -381,6 +381,21 @@ def test_a_run_killed_inside_the_swap_gets_its_previous_output_back(corpus, tmp_
     assert snapshot(out) == before and leftovers(tmp_path) == []
 
 
+def test_the_work_folder_of_a_live_run_is_left_alone(corpus, tmp_path):
+    """Leftovers of killed runs are removed, but not the folder of a run still working."""
+    out = tmp_path / "out"
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f".out.tmp-{alive.pid}").mkdir()
+        (tmp_path / ".out.tmp-999999999").mkdir()  # no such process: a leftover
+        run([corpus], out)
+        assert (tmp_path / f".out.tmp-{alive.pid}").is_dir()
+        assert not (tmp_path / ".out.tmp-999999999").exists()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def big_corpus(root: Path) -> Path:
     """~2 MB of documents, enough for a run of a couple of seconds."""
     text = SHAKESPEARE.read_text()
