@@ -41,14 +41,10 @@ def machine_info(threads: int) -> dict[str, Any]:
 
 def write_json(result: dict, path: Path) -> Path:
     """Write a results file atomically (temp file, fsync, rename)."""
+    from pagoda.paths import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(result, indent=2) + "\n")
     return path
 
 

@@ -167,5 +167,5 @@ def from_text(text: str, hint: Any) -> Any:
     if str in choices:
         return text
     if any(typing.get_origin(option) in (tuple, frozenset) for option in choices):
-        return [yaml.safe_load(part) for part in text.split(",")]
+        return [yaml.safe_load(part) for part in text.split(",") if part.strip()]
     return value  # check() names the field and the type it wanted

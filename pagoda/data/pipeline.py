@@ -351,7 +351,7 @@ def _second_pass(spool: Path, boilerplate: BoilerplateLines | None, config: Pipe
                  ) -> dict[str, Any]:
     work = SecondPass(boilerplate, pii_step(config.pii) if config.stages.pii else None)
     digest, written, size = hashlib.sha256(), 0, 0
-    with open(data, "w", encoding="utf-8") as f:
+    with open(data, "wb") as f:
         for result, pii, removed in mapper(work, _spooled(spool), workers):
             if isinstance(result, Drop):
                 ledger.drop(result)
@@ -359,12 +359,12 @@ def _second_pass(spool: Path, boilerplate: BoilerplateLines | None, config: Pipe
             ledger.pii.update(pii)
             ledger.boilerplate_lines += removed
             for copy in balanced(result, config.balance, ledger):
-                line = _dumps(copy.to_json())
+                line = _dumps(copy.to_json()).encode("utf-8")
                 f.write(line)
-                digest.update(line.encode("utf-8"))
+                digest.update(line)
                 written += 1
-                size += len(line.encode("utf-8"))
-                bar.update(len(copy.text.encode("utf-8")))
+                size += len(line)
+                bar.update(len(line))
         f.flush()
         os.fsync(f.fileno())
     return {"file": "data.jsonl", "records": written, "bytes": size,

@@ -22,6 +22,7 @@ from pagoda.errors import WeightsError
 from pagoda.model.config import PAGODA_CONFIG, ModelConfig
 from pagoda.model.hf_config import XLMR_PAD_ID, config_from_hf, config_to_hf, hf_compatible
 from pagoda.model.transformer import Transformer
+from pagoda.paths import atomic_write
 
 INDEX = "model.safetensors.index.json"  # sharded checkpoints: tensor name -> shard file
 
@@ -241,12 +242,7 @@ def build_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: to
 
 def atomic_json(path: Path, data: dict) -> None:
     """Write JSON to a temporary file, fsync it, rename it over `path`."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2))
 
 
 def atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path,

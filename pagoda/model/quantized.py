@@ -130,7 +130,6 @@ class QuantizedLinear(nn.Module):
             return F.linear(x, self.dequantize(x.dtype), bias)
         return _FrozenQuantizedMatmul.apply(x, self, bias)
 
-
     def weight_bytes(self) -> int:
         """Bytes this layer's weight occupies: the integers plus the scales (bias excluded)."""
         return (self.qweight.numel() * self.qweight.element_size()
@@ -143,6 +142,7 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}")
+
 
 class _FrozenQuantizedMatmul(torch.autograd.Function):
     """x @ W.T (+ b) for a frozen quantized W that backward dequantizes again instead of
@@ -158,7 +158,6 @@ class _FrozenQuantizedMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         return grad @ ctx.layer.dequantize(grad.dtype), None, None
-
 
 
 def shared_parameter_ids(model: nn.Module) -> set[int]:

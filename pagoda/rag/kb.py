@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ import numpy as np
 
 from pagoda.client import EmbeddingClient
 from pagoda.errors import DocumentError, InvalidRequestError, PagodaError
-from pagoda.paths import pagoda_home
+from pagoda.paths import atomic_write, pagoda_home
 from pagoda.rag.loaders import load_bytes
 from pagoda.rag.rerank import ChatReranker
 from pagoda.rag.splitter import Chunk as Piece
@@ -108,12 +107,7 @@ class Manifest:
 
     def write(self, path: Path) -> None:
         """Atomic: a temporary file, fsynced, renamed over the old one."""
-        tmp = path.with_suffix(".json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(asdict(self), f, ensure_ascii=False, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(asdict(self), ensure_ascii=False, indent=1))
 
 
 @dataclass

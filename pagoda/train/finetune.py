@@ -167,10 +167,7 @@ class FinetuneConfig:
                 raise ConfigError(f"override {item!r} must look like key=value, e.g. lr=1e-4")
             if key not in types:
                 raise ConfigError(f"unknown key {key} (allowed: {', '.join(types)})")
-            if types[key] == tuple[str, ...]:  # a comma-separated list: q_proj,v_proj
-                values[key] = tuple(part.strip() for part in text.split(",") if part.strip())
-            else:
-                values[key] = check(from_text(text.strip(), types[key]), types[key], key)
+            values[key] = check(from_text(text.strip(), types[key]), types[key], key)
         return dataclasses.replace(self, **values)
 
     def to_dict(self) -> dict[str, Any]:
