@@ -181,7 +181,17 @@ class LoRALinear(nn.Module):
         name = self.active
         if name is None or name not in self.lora_A or name in self.merged:
             return y
-        return y + self.lora(x, name).to(y.dtype)
+        return self._add_lora(y, x, name)
+
+    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """y + lora(x) as one addmm with the scaling folded into B: the (N, out) product goes
+        straight into the sum, so training keeps one full-width temporary per layer, not four."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        xa = F.linear(self.lora_dropout[name](x.to(A.dtype)), A).to(y.dtype)  # (..., r)
+        scaled_B = (B * self.configs[name].scaling).to(y.dtype)  # (out, r)
+        out = torch.addmm(y.reshape(-1, self.out_features), xa.reshape(-1, xa.shape[-1]),
+                          scaled_B.t())
+        return out.view(y.shape)
 
     def _routed(self, x: torch.Tensor, y: torch.Tensor, routing: AdapterRouting) -> torch.Tensor:
         """Each adapter applied to its own rows of the flattened batch only."""
@@ -195,7 +205,7 @@ class LoRALinear(nn.Module):
             if name not in self.lora_A:
                 continue
             if rows is None:
-                flat_y = flat_y + self.lora(flat_x, name).to(y.dtype)
+                flat_y = self._add_lora(flat_y, flat_x, name)
             else:
                 delta = self.lora(flat_x.index_select(0, rows), name).to(y.dtype)
                 flat_y = flat_y.index_add(0, rows, delta)

@@ -100,7 +100,9 @@ class Transformer(nn.Module):
                 segments: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T); (B, 1, vocab) when last_only, and
-        (B, len(keep), vocab) for only the token indices `keep` (the head is a big matmul).
+        (B, len(keep), vocab) for only the token indices `keep` (the head is a big matmul), or
+        (1, N, vocab) for the N tokens where a (B, T) bool `keep` is True, in row-major order
+        (training losses that score only some tokens skip the rest of the vocabulary product).
         A model without an lm head (an encoder) returns its hidden states (B, T, d) instead.
 
         With a cache, idx holds only the new tokens and attends to everything cached before;
@@ -149,7 +151,7 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         if keep is not None:
-            x = x[:, keep]
+            x = x[keep].unsqueeze(0) if keep.dim() == 2 else x[:, keep]
         elif last_only:
             x = x[:, -1:]
         if self.final_norm is not None:

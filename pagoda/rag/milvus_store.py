@@ -156,7 +156,7 @@ class MilvusStore:
         """Insert chunks; a chunk whose id is already stored replaces it."""
         if not chunks:
             return
-        rows = [self._row(c) for c in chunks]
+        rows = list({row["id"]: row for row in map(self._row, chunks)}.values())  # last wins
         with self._writing():
             self._call("upsert", data=rows)
             if self._embedded:

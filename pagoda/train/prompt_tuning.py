@@ -179,9 +179,11 @@ class VirtualTokens(nn.Module):
         raise NotImplementedError
 
     def logits(self, model: Transformer, ids: torch.Tensor, positions: torch.Tensor | None = None,
-               segments: torch.Tensor | None = None) -> torch.Tensor:
+               segments: torch.Tensor | None = None,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) of ids (B, T) read after the virtual tokens; `positions` count
-        from 0 at each example's start (packed rows restart them per segment)."""
+        from 0 at each example's start (packed rows restart them per segment); `keep` selects
+        positions as in Transformer.forward."""
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
@@ -191,7 +193,7 @@ class VirtualTokens(nn.Module):
                                      f"exceed the model's context of {self.cfg.max_seq_len}")
         window = self.cfg.sliding_window
         cache = PrefixCache(self.prefix(model), positions + P, segments, window)
-        return model(ids, cache=cache)
+        return model(ids, cache=cache, keep=keep)
 
 
 class SoftPrompt(VirtualTokens):
@@ -321,8 +323,9 @@ class PromptTunedModel(nn.Module):
         self.tokens = tokens
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
-        return self.tokens.logits(self.model, ids, positions, segments)
+                segments: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.tokens.logits(self.model, ids, positions, segments, keep)
 
 
 # ------------------------------------------------------------------ decoding

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pagoda.errors import ConfigError, InvalidRequestError, PagodaError
@@ -389,18 +390,24 @@ def _collate(rows: list[list[SftExample]]) -> SftBatch:
 def sft_loss(model: nn.Module, batch: SftBatch) -> torch.Tensor:
     """Mean next-token cross-entropy over trained tokens; never across a segment boundary.
 
-    `model` is any module whose forward takes (ids, positions=, segments=) and returns logits
-    (a Transformer, with or without adapters, or a wrapper). MoE load balancing is the caller's.
+    `model` is any module whose forward takes (ids, positions=, segments=, keep=) and returns
+    logits (a Transformer, with or without adapters, or a wrapper); `keep` is a (B, T) bool mask
+    of the positions to score (see Transformer.forward). MoE load balancing is the caller's.
     """
     device = _device(model)
     if device is not None and batch.ids.device != device:
         batch = batch.to(device)
-    logits = model(batch.ids, positions=batch.positions, segments=batch.segments)  # (B, T, V)
     targets = batch.labels[:, 1:].masked_fill(batch.segments[:, 1:] != batch.segments[:, :-1],
                                               IGNORE)  # (B, T-1)
-    if not targets.ne(IGNORE).any():  # cross_entropy would return nan; keep the graph alive
-        return logits.sum() * 0.0
-    return token_loss(logits[:, :-1], targets)
+    scored = F.pad(targets.ne(IGNORE), (0, 1))  # (B, T): positions whose next token is trained
+    if not scored.any():  # cross_entropy would return nan; keep the graph alive
+        scored[0, 0] = True
+        return model(batch.ids, positions=batch.positions, segments=batch.segments,
+                     keep=scored).sum() * 0.0
+    # logits only where a label is: prompts and padding never reach the vocabulary product
+    logits = model(batch.ids, positions=batch.positions, segments=batch.segments,
+                   keep=scored)  # (1, N, V)
+    return token_loss(logits, targets[targets.ne(IGNORE)].unsqueeze(0))
 
 
 def _device(model: nn.Module) -> torch.device | None:

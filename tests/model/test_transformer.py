@@ -31,6 +31,19 @@ def test_forward_shapes(name):
     torch.testing.assert_close(last[:, 0], logits[:, -1], rtol=1e-5, atol=1e-5)
 
 
+def test_keep_selects_logits_by_index_or_mask():
+    model = Transformer(tiny()).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    logits = model(ids)
+    index = torch.tensor([0, 4, 8])
+    torch.testing.assert_close(model(ids, keep=index), logits[:, index])
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 3], mask[1, 1], mask[1, 7] = True, True, True
+    picked = model(ids, keep=mask)
+    assert picked.shape == (1, 3, 64)
+    torch.testing.assert_close(picked[0], torch.stack([logits[0, 3], logits[1, 1], logits[1, 7]]))
+
+
 def test_tied_embeddings_share_storage():
     model = Transformer(tiny(tie_embeddings=True))
     assert model.lm_head.weight is model.embed.weight

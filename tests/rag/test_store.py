@@ -238,9 +238,15 @@ def test_re_adding_a_chunk_replaces_it_and_deletes_are_by_document_and_idempoten
     store.add(chunks[:12])
     replaced = Chunk(id=chunks[0].id, doc_id=chunks[0].doc_id, text="Zounds, a replacement.",
                      vector=embed("Zounds, a replacement."))
-    store.add([replaced])
-    assert store.count() == 12
+    store.add([replaced, chunks[12]])  # one stored id, one new: both land once
+    assert store.count() == 13
     assert [h.id for h in store.keyword_search("zounds")] == [replaced.id]
+    twice = Chunk(id=chunks[12].id, doc_id=chunks[12].doc_id, text="Gadzooks, twice.",
+                  vector=embed("Gadzooks, twice."))
+    store.add([chunks[12], twice])  # the same id twice in one call: the last one is kept
+    assert store.count() == 13
+    assert [h.id for h in store.keyword_search("gadzooks")] == [twice.id]
+    assert store.keyword_search("zounds")[0].text == "Zounds, a replacement."
 
     store.delete_document("doc0")
     assert store.count() == 9 and store.count(Filter(doc_ids=["doc0"])) == 0
