@@ -81,6 +81,9 @@ class RunConfig:
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block in backward (saves memory)
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP
+    # Under torchrun: split every block's matmuls over all ranks (Megatron tensor parallelism,
+    # pagoda.train.tensor_parallel) instead of DDP; every rank then reads the same batches.
+    tensor_parallel: bool = False
     peak_flops: float | None = None  # for MFU; None: a table for known GPUs, measured on CPU
     progress: bool = True  # a progress bar with loss, tokens/s and MFU
 
@@ -131,6 +134,9 @@ class PretrainConfig:
                                         f"got {s.decay_fraction}")
         need(0 < t.mlm_probability < 1, f"train.mlm_probability must be in (0, 1), "
                                         f"got {t.mlm_probability}")
+        need(not (t.tensor_parallel and t.fsdp),
+             "train.tensor_parallel and train.fsdp cannot be combined: tensor parallelism "
+             "uses every rank for one model replica (no data parallelism to shard over)")
         need(t.peak_flops is None or t.peak_flops > 0,
              f"train.peak_flops must be positive, got {t.peak_flops}")
 

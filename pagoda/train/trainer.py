@@ -4,7 +4,9 @@
 optimizer, loader; resuming when asked), then runs optimizer steps of `grad_accum`
 micro-batches with the LR of the schedule, autocast, gradient clipping, evaluation, samples,
 metrics and checkpoints. Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP, or
-sharded with FSDP2 when `train.fsdp` is set; only rank 0 writes logs and checkpoints.
+sharded with FSDP2 when `train.fsdp` is set, or split by tensor parallelism over all ranks when
+`train.tensor_parallel` is (each rank then sees the same batches); only rank 0 writes logs and
+checkpoints.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -50,6 +53,7 @@ from pagoda.train.objectives import (
     masked_lm,
 )
 from pagoda.train.optim import build_optimizer, learning_rate, set_learning_rate
+from pagoda.train.tensor_parallel import clip_grad_norm_, parallelize
 
 
 @dataclass
@@ -105,15 +109,19 @@ class Trainer:
             load_weights(self.resume_from, self.model)
         self.model.checkpoint_blocks = t.activation_checkpointing
         self.fsdp = t.fsdp and self.dist.world_size > 1
+        # Tensor parallelism: all ranks hold one model, so data-parallel-wise there is one rank.
+        self.tp = t.tensor_parallel and self.dist.world_size > 1
+        self.dp_rank, self.dp_size = (0, 1) if self.tp else (self.dist.rank, self.dist.world_size)
+        if self.tp:
+            parallelize(self.model, init_device_mesh(self.device.type, (self.dist.world_size,)))
         self.ddp: DDP | None = None
         self.loss = self._wrap(ObjectiveLoss(self.model, self._objective()))  # (x, y) -> loss
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.dtype == "float16")
         self.loader = BatchLoader(self.train_data, d.block_size, d.batch_size, seed=t.seed,
-                                  mode=d.loader, rank=self.dist.rank,
-                                  world_size=self.dist.world_size)
+                                  mode=d.loader, rank=self.dp_rank, world_size=self.dp_size)
         self.step = 0
-        seed_everything(t.seed + self.dist.rank)  # dropout and masking differ per rank
+        seed_everything(t.seed + self.dp_rank)  # dropout and masking differ per DP rank
         if state is not None:
             self._restore(state)
 
@@ -126,7 +134,7 @@ class Trainer:
             for block in self.model.layers:
                 fully_shard(block)
             fully_shard(self.model)
-        elif self.dist.world_size > 1:
+        elif self.dist.world_size > 1 and not self.tp:
             self.ddp = wrapped = DDP(step_loss, device_ids=[self.device.index]
                                      if self.device.type == "cuda" else None)
         return torch.compile(wrapped) if self.cfg.train.compile else wrapped
@@ -169,7 +177,8 @@ class Trainer:
                 self.scaler.scale(loss / accum).backward()
             total += loss.detach() / accum
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip or math.inf)
+        clip_norm = clip_grad_norm_ if self.tp else torch.nn.utils.clip_grad_norm_
+        norm = clip_norm(self.model.parameters(), clip or math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -181,7 +190,7 @@ class Trainer:
         """Mean validation loss over eval_batches fixed batches (the same ones every time)."""
         t, d = self.cfg.train, self.cfg.data
         loader = BatchLoader(self.val_data, d.block_size, d.batch_size, seed=t.seed + 1,
-                             rank=self.dist.rank)
+                             rank=self.dp_rank)
         total = torch.zeros((), device=self.device)
         self.model.eval()
         with self._fork_rng():
@@ -223,7 +232,7 @@ class Trainer:
         """Train until train.max_steps; return the last metrics and where the run wrote."""
         t, d = self.cfg.train, self.cfg.data
         out = _out_dir(t.out_dir)
-        per_step = d.batch_size * d.block_size * t.grad_accum * self.dist.world_size
+        per_step = d.batch_size * d.block_size * t.grad_accum * self.dp_size
         model_flops = flops_per_token(self.model, d.block_size) * per_step
         peak = peak_flops(self.device, t.peak_flops) * self.dist.world_size
         log = (MetricsLog(out / "metrics.jsonl", self.step if self.resume_from else None)
@@ -298,19 +307,20 @@ class Trainer:
             dist.barrier()
 
     def _full_states(self) -> tuple[Transformer, dict]:
-        """The unsharded model and optimizer state (FSDP gathers them; a collective)."""
-        if not self.fsdp:
+        """The unsharded model and optimizer state (FSDP and TP gather them; a collective)."""
+        if not (self.fsdp or self.tp):
             return self.model, self.optimizer.state_dict()
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(self.model, options=options)
         optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
-        model = (build_from_state(self.model_cfg, dict(weights), torch.float32, "cpu", "fsdp")
+        model = (build_from_state(self.model_cfg, dict(weights), torch.float32, "cpu",
+                                  "the sharded model")
                  if self.dist.main else None)
         return model, optimizer
 
     def _restore(self, state: dict[str, Any]) -> None:
         """Continue a checkpointed run: optimizer, step, RNG states, loader position."""
-        if self.fsdp:
+        if self.fsdp or self.tp:
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         else:
