@@ -168,12 +168,6 @@ class LoRALinear(nn.Module):
             self.base.weight -= self.delta_weight(name).to(self.base.weight.dtype)
         self.merged.remove(name)
 
-    def lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The adapter's contribution dropout(x) @ A.T @ B.T * scaling, in the adapter's dtype."""
-        A, B = self.lora_A[name], self.lora_B[name]
-        x = self.lora_dropout[name](x.to(A.dtype))
-        return F.linear(F.linear(x, A), B) * self.configs[name].scaling
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.routing is not None:
@@ -184,8 +178,9 @@ class LoRALinear(nn.Module):
         return self._add_lora(y, x, name)
 
     def _add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        """y + lora(x) as one addmm with the scaling folded into B: the (N, out) product goes
-        straight into the sum, so training keeps one full-width temporary per layer, not four."""
+        """y + dropout(x) @ A.T @ B.T * scaling, as one addmm with the scaling folded into B:
+        the (N, out) product goes straight into the sum, so training keeps one full-width
+        temporary per layer, not four."""
         A, B = self.lora_A[name], self.lora_B[name]
         xa = F.linear(self.lora_dropout[name](x.to(A.dtype)), A).to(y.dtype)  # (..., r)
         scaled_B = (B * self.configs[name].scaling).to(y.dtype)  # (out, r)
@@ -207,8 +202,9 @@ class LoRALinear(nn.Module):
             if rows is None:
                 flat_y = self._add_lora(flat_y, flat_x, name)
             else:
-                delta = self.lora(flat_x.index_select(0, rows), name).to(y.dtype)
-                flat_y = flat_y.index_add(0, rows, delta)
+                adapted = self._add_lora(flat_y.index_select(0, rows),
+                                         flat_x.index_select(0, rows), name)
+                flat_y = flat_y.index_copy(0, rows, adapted)
         return flat_y.view_as(y)
 
     def extra_repr(self) -> str:

@@ -399,15 +399,13 @@ def sft_loss(model: nn.Module, batch: SftBatch) -> torch.Tensor:
         batch = batch.to(device)
     targets = batch.labels[:, 1:].masked_fill(batch.segments[:, 1:] != batch.segments[:, :-1],
                                               IGNORE)  # (B, T-1)
-    scored = F.pad(targets.ne(IGNORE), (0, 1))  # (B, T): positions whose next token is trained
-    if not scored.any():  # cross_entropy would return nan; keep the graph alive
-        scored[0, 0] = True
-        return model(batch.ids, positions=batch.positions, segments=batch.segments,
-                     keep=scored).sum() * 0.0
+    trained = targets.ne(IGNORE)  # (B, T-1)
     # logits only where a label is: prompts and padding never reach the vocabulary product
     logits = model(batch.ids, positions=batch.positions, segments=batch.segments,
-                   keep=scored)  # (1, N, V)
-    return token_loss(logits, targets[targets.ne(IGNORE)].unsqueeze(0))
+                   keep=F.pad(trained, (0, 1)))  # (1, N, V)
+    if not logits.numel():  # cross_entropy would return nan; keep the graph alive
+        return logits.sum() * 0.0
+    return token_loss(logits, targets[trained].unsqueeze(0))
 
 
 def _device(model: nn.Module) -> torch.device | None:
