@@ -89,16 +89,20 @@ class PagedBatch:
         self.tables = torch.tensor([t[:blocks] + [0] * (blocks - len(t[:blocks])) for t in tables],
                                    device=device)  # (B, blocks), 0-padded past each row's end
         self.fresh = max(lengths) == 0  # nothing cached: attend over the new keys alone
-        self.use_kernel = (n_new == 1 and pool.sliding_window is None and device.type == "cpu"
-                           and pool.k.dtype == torch.float32 and native_available())
+        native = (pool.sliding_window is None and device.type == "cpu"
+                  and pool.k.dtype == torch.float32 and native_available())
+        self.use_kernel = native and n_new == 1  # decode: paged_decode_attention, decode_block
+        # a prompt chunk: causal flash attention straight from the pool, cached prefix included
+        self.prefill_kernel = native and n_new > 1 and pool.k.shape[-1] % 8 == 0
 
     def positions(self, n_new: int) -> torch.Tensor:
         return self.lengths.unsqueeze(1) + torch.arange(n_new, device=self.lengths.device)
 
     def attention_mask(self, n_new: int) -> torch.Tensor | None:
         window = self.pool.sliding_window
-        if self.use_kernel or (self.fresh and (window is None or n_new <= window)):
-            return None  # the paged kernel reads exactly `total` keys; SDPA does plain causal
+        if (self.use_kernel or self.prefill_kernel
+                or (self.fresh and (window is None or n_new <= window))):
+            return None  # the paged kernels read exactly the visible keys; SDPA does plain causal
         query = self.positions(n_new)  # (B, n_new) absolute positions
         key = torch.arange(self.width, device=query.device)  # (S,)
         visible = key[None, None, :] <= query[:, :, None]  # (B, n_new, S) causal, hides padding
@@ -125,6 +129,11 @@ class PagedBatch:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None, attend_fn: AttendFn) -> torch.Tensor:
+        if self.prefill_kernel:
+            self._store(layer, k, v)
+            return torch.ops.pagoda_kernels.paged_prefill_attention(
+                q, self.pool.k[layer], self.pool.v[layer], self.tables, self.lengths,
+                self.pool.block_size)
         if self.fresh:
             self._store(layer, k, v)
             return attend_fn(q, k, v, mask)

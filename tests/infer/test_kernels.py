@@ -243,3 +243,61 @@ def test_decode_block_structure_checks():
         torch.ops.pagoda_kernels.paged_decode_attention(
             torch.randn(1, 2, 1, 8), torch.randn(16, 1, 8), torch.randn(16, 1, 8),
             torch.tensor([[0, 7]]), torch.tensor([6]), 4)  # block 7 is past the 16-slot pool
+
+
+def _prefill_reference(q, k_pool, v_pool, tables, starts, block_size):
+    """SDPA over keys gathered from the pool, with an explicit causal mask after each prefix."""
+    B, _, T, _ = q.shape
+    total = int(starts.max()) + T
+    slots = (tables[:, :, None] * block_size + torch.arange(block_size)).flatten(1)[:, :total]
+    keys, values = k_pool[slots].transpose(1, 2), v_pool[slots].transpose(1, 2)  # (B, Hkv, S, hd)
+    query_pos = starts[:, None, None] + torch.arange(T)[None, :, None]  # (B, T, 1)
+    visible = torch.arange(total)[None, None, :] <= query_pos  # (B, T, S)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None],
+                                          enable_gqa=True)
+
+
+@needs_native
+@pytest.mark.parametrize("B,H,Hkv,T,starts,hd", [
+    (1, 9, 3, 200, [0], 64),  # SmolLM2's heads, a fresh prompt over several key blocks
+    (1, 4, 4, 37, [0], 32),  # MHA, T not a multiple of the query block
+    (2, 8, 2, 19, [5, 70], 128),  # chunks after cached prefixes of different lengths
+    (3, 6, 1, 2, [0, 1, 63], 40),  # MQA, head size 40 (a 32 + 8 split of the value tile)
+    (1, 2, 2, 65, [64], 8),  # a key block boundary exactly at the prefix
+])
+def test_paged_prefill_attention_matches_sdpa(B, H, Hkv, T, starts, hd):
+    g = torch.Generator().manual_seed(T)
+    block_size = 16
+    starts = torch.tensor(starts)
+    blocks = -(-(int(starts.max()) + T) // block_size)
+    pool_blocks = B * blocks + 3
+    k_pool = torch.randn(pool_blocks * block_size, Hkv, hd, generator=g)
+    v_pool = torch.randn(pool_blocks * block_size, Hkv, hd, generator=g)
+    tables = torch.randperm(pool_blocks, generator=g)[:B * blocks].view(B, blocks)  # scattered
+    q = torch.randn(B, T, H, hd, generator=g).transpose(1, 2)  # the projection's strided view
+    got = torch.ops.pagoda_kernels.paged_prefill_attention(q, k_pool, v_pool, tables, starts,
+                                                           block_size)
+    want = _prefill_reference(q, k_pool, v_pool, tables, starts, block_size)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@needs_native
+def test_paged_prefill_attention_rejects_bad_shapes():
+    pool = torch.randn(16, 1, 12)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        torch.ops.pagoda_kernels.paged_prefill_attention(
+            torch.randn(1, 2, 3, 12), pool, pool, torch.tensor([[0]]), torch.tensor([0]), 16)
+    pool = torch.randn(16, 1, 8)
+    with pytest.raises(RuntimeError, match="lengths"):  # 5 cached + 3 new > one block of 4
+        torch.ops.pagoda_kernels.paged_prefill_attention(
+            torch.randn(1, 2, 3, 8), pool, pool, torch.tensor([[0]]), torch.tensor([5]), 4)
+
+
+@needs_native
+def test_silu_mul_matches_torch():
+    gate_up = torch.randn(3, 5, 2 * 37) * 8  # saturating gates at both ends
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(torch.ops.pagoda_kernels.silu_mul(gate_up), F.silu(gate) * up,
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="2F"):
+        torch.ops.pagoda_kernels.silu_mul(torch.randn(2, 7))

@@ -62,6 +62,30 @@ def test_mixed_packed_steps_match_the_full_forward(name, native):
     assert batch.last_tokens.tolist() == [0, 1, 10, 16]
 
 
+def test_prompt_chunks_take_the_prefill_kernel(monkeypatch):
+    """A chunk (fresh or after a cached prefix) attends with the paged flash kernel, straight
+    from the pool; a sliding window, which the kernel does not mask, keeps the SDPA path."""
+    from pagoda.infer.kernels import native_available
+
+    if not native_available():
+        pytest.skip("native kernels did not build")
+    calls = []
+    real = torch.ops.pagoda_kernels.paged_prefill_attention
+    monkeypatch.setattr(torch.ops.pagoda_kernels, "paged_prefill_attention",
+                        lambda *a: calls.append(a[4].tolist()) or real(*a), raising=False)
+    pool = PagedKVPool(CONFIGS["llama-gqa"], 8, 4)
+    assert PagedBatch(pool, [[0, 1]], [0], 6).prefill_kernel
+    assert not PagedBatch(pool, [[0, 1]], [5], 1).prefill_kernel  # decode: the decode kernels
+    window = PagedKVPool(CONFIGS["mistral-window"], 8, 4)
+    assert not PagedBatch(window, [[0, 1]], [0], 6).prefill_kernel
+    model = build(CONFIGS["llama-gqa"], native=True)
+    table = tables_for(pool, 1, 16)[0]
+    with torch.inference_mode():
+        model(torch.tensor([list(range(7))]), cache=PagedBatch(pool, [table], [0], 7))
+        model(torch.tensor([list(range(5))]), cache=PagedBatch(pool, [table], [7], 5))
+    assert calls == [[0]] * 2 + [[7]] * 2  # two layers each, the cached prefix passed along
+
+
 @pytest.mark.parametrize("name", ["llama-gqa", "mistral-window"])
 def test_decode_batches_of_different_lengths(name):
     cfg = CONFIGS[name]

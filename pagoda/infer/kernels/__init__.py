@@ -138,7 +138,10 @@ class NativeFeedForward(FeedForward):
         if (self.gate_proj is None or not _native(x) or not hasattr(self, "_gate_up")
                 or _adapted(self.gate_proj, self.up_proj)):
             return super().hidden(x)
-        gate, up = _linear(x, *self._gate_up).chunk(2, dim=-1)
+        gate_up = _linear(x, *self._gate_up)
+        if self.act is F.silu:
+            return torch.ops.pagoda_kernels.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.act(gate) * up
 
 

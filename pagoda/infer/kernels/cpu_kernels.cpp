@@ -1,5 +1,6 @@
-// CPU kernels for decoding: skinny matrix products, RMSNorm, RoPE, attention over a paged KV
-// cache, and `decode_block`, one whole pre-norm Transformer block for one new token per sequence.
+// CPU kernels for inference: skinny matrix products, RMSNorm, RoPE, attention over a paged KV
+// cache (one new token per sequence, or a causal prompt chunk), and `decode_block`, one whole
+// pre-norm Transformer block for one new token per sequence.
 //
 // MKL runs x @ w.T single-threaded when x has only a few rows, reaching about half the memory
 // bandwidth of two cores. Decoding is bound by reading the weights once per step, so we split the
@@ -9,6 +10,7 @@
 // the per-op dispatch that otherwise costs a third of the step.
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 #include <immintrin.h>
@@ -103,10 +105,12 @@ void linear_rows(const float* x, int64_t M, int64_t K, const float* w, int64_t N
 }
 
 inline void rms_norm_row(const float* x, const float* w, float* y, int64_t D, float eps) {
-  double ss = 0;
-  for (int64_t i = 0; i < D; ++i) ss += double(x[i]) * x[i];
-  const float scale = float(1.0 / std::sqrt(ss / D + eps));
-  for (int64_t i = 0; i < D; ++i) y[i] = x[i] * scale * w[i];
+  const float scale = 1.0f / std::sqrt(dot(x, x, D) / D + eps);
+  const __m256 sv = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), sv), _mm256_loadu_ps(w + i)));
+  for (; i < D; ++i) y[i] = x[i] * scale * w[i];
 }
 
 // Rotate-half RoPE of one head vector in place; c and s hold hd values for its position.
@@ -168,6 +172,18 @@ inline float exp_shift_sum(float* v, int64_t n, float shift) {
   float sum = hsum(acc);
   for (; i < n; ++i) sum += (v[i] = std::exp(v[i] - shift));
   return sum;
+}
+
+// out = silu(g) * u = g / (1 + exp(-g)) * u over n floats: SwiGLU's gate.
+inline void silu_mul_row(const float* g, const float* u, float* out, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 sig = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, gv))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(sig, _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 
 // Keys are rows `row` floats apart in the pool, too far for the hardware prefetcher to follow:
@@ -311,6 +327,23 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y;
 }
 
+// SwiGLU's activation of a fused gate/up projection: (..., 2F) -> (..., F) = silu(gate) * up.
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_cpu_float(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, "gate_up: (..., 2F)");
+  auto x = gate_up.contiguous();
+  const int64_t F = x.size(-1) / 2, rows = x.numel() / (2 * F);
+  auto sizes = x.sizes().vec();
+  sizes.back() = F;
+  auto out = at::empty(sizes, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / F), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) silu_mul_row(xp + r * 2 * F, xp + r * 2 * F + F, op + r * F, F);
+  });
+  return out;
+}
+
 // Rotate-half RoPE in place on x (B, H, T, hd), any strides with a unit last stride;
 // cos and sin are (B, 1, T, hd).
 void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
@@ -428,6 +461,213 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   return out;
 }
 
+// ---------------------------------------------------------------------------- prefill attention
+// Causal attention of a chunk of new tokens over a paged cache (flash attention: key blocks
+// streamed through an online softmax, never a full score matrix). A task is one KV head and
+// kQBlock query positions of one sequence; its rows are the `group` query heads sharing that KV
+// head at those positions, so every key and value row loaded serves all of them. Scores and the
+// weighted sum of values are small register-tiled matrix products (6 x 16 and 2 x 32 tiles of
+// FMAs), which run near the FMA units' peak where SDPA's CPU kernel reaches about a third of it
+// on these sizes (head size 64, hundreds of keys).
+constexpr int64_t kQBlock = 32;  // query positions per task
+constexpr int64_t kKBlock = 64;  // keys per block of the online softmax
+
+// Loops over template constants are unrolled explicitly: unrolled late, GCC keeps the
+// accumulator arrays on the stack and spills every FMA's result.
+#define UNROLL _Pragma("GCC unroll 16")
+
+// s (MR x 16, row stride kKBlock) = q (MR rows of hd, row stride hd) @ kt (hd x kKBlock)[:, c0:c0+16]
+template <int MR>
+inline void qk_tile(const float* q, int64_t hd, const float* kt, float* s) {
+  __m256 acc[MR][2];
+  UNROLL for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < hd; ++d) {
+    const __m256 k0 = _mm256_loadu_ps(kt + d * kKBlock), k1 = _mm256_loadu_ps(kt + d * kKBlock + 8);
+    UNROLL for (int i = 0; i < MR; ++i) {
+      const __m256 qv = _mm256_broadcast_ss(q + i * hd + d);
+      acc[i][0] = _mm256_fmadd_ps(qv, k0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(qv, k1, acc[i][1]);
+    }
+  }
+  UNROLL for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(s + i * kKBlock, acc[i][0]);
+    _mm256_storeu_ps(s + i * kKBlock + 8, acc[i][1]);
+  }
+}
+
+// o (MR rows, row stride hd)[:, d0:d0+8*NV] += p (MR x nk, row stride kKBlock) @ v rows[:, d0:...]
+template <int MR, int NV>
+inline void pv_tile(const float* p, const float* const* v, int64_t nk, int64_t d0, float* o, int64_t hd) {
+  __m256 acc[MR][NV];
+  UNROLL for (int i = 0; i < MR; ++i)
+    UNROLL for (int c = 0; c < NV; ++c) acc[i][c] = _mm256_loadu_ps(o + i * hd + d0 + 8 * c);
+  for (int64_t j = 0; j < nk; ++j) {
+    __m256 vv[NV];
+    UNROLL for (int c = 0; c < NV; ++c) vv[c] = _mm256_loadu_ps(v[j] + d0 + 8 * c);
+    UNROLL for (int i = 0; i < MR; ++i) {
+      const __m256 pv = _mm256_broadcast_ss(p + i * kKBlock + j);
+      UNROLL for (int c = 0; c < NV; ++c) acc[i][c] = _mm256_fmadd_ps(pv, vv[c], acc[i][c]);
+    }
+  }
+  UNROLL for (int i = 0; i < MR; ++i)
+    UNROLL for (int c = 0; c < NV; ++c) _mm256_storeu_ps(o + i * hd + d0 + 8 * c, acc[i][c]);
+}
+
+using QkFn = void (*)(const float*, int64_t, const float*, float*);
+constexpr QkFn kQk[6] = {qk_tile<1>, qk_tile<2>, qk_tile<3>, qk_tile<4>, qk_tile<5>, qk_tile<6>};
+using PvFn = void (*)(const float*, const float* const*, int64_t, int64_t, float*, int64_t);
+constexpr PvFn kPv4[2] = {pv_tile<1, 4>, pv_tile<2, 4>};
+constexpr PvFn kPv1[2] = {pv_tile<1, 1>, pv_tile<2, 1>};
+
+// The working set of one task, reused across the tasks of a thread.
+struct PrefillScratch {
+  std::vector<float> q, s, o, best, total;
+  std::vector<const float*> v;
+  std::vector<int64_t> limit;
+  PrefillScratch(int64_t rows, int64_t hd)
+      : q(rows * hd), s(rows * kKBlock), o(rows * hd), best(rows), total(rows), v(kKBlock), limit(rows) {}
+};
+
+// Keys of one sequence and KV head, transposed block by block: kt[blk] is (hd x kKBlock), zero
+// past the last key, the layout the score tile reads. Packed once and shared by every task.
+void pack_keys(const float* kp, const PagedSeq& seq, int64_t row, int64_t col, int64_t hd, float* kt) {
+  const int64_t blocks = (seq.length + kKBlock - 1) / kKBlock;
+  std::fill(kt, kt + blocks * hd * kKBlock, 0.f);
+  seq.for_each_slot(0, seq.length, [&](int64_t i, int64_t slot) {
+    const float* k = kp + slot * row + col;
+    float* dst = kt + (i / kKBlock) * hd * kKBlock + i % kKBlock;
+    for (int64_t d = 0; d < hd; ++d) dst[d * kKBlock] = k[d];
+  });
+}
+
+inline float max_of(const float* v, int64_t n, float m) {
+  __m256 acc = _mm256_set1_ps(m);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_max_ps(acc, _mm256_loadu_ps(v + i));
+  __m128 r = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_max_ss(r, _mm_shuffle_ps(r, r, 1));
+  float out = _mm_cvtss_f32(r);
+  for (; i < n; ++i) out = std::max(out, v[i]);
+  return out;
+}
+
+// Rows r = j * n + i: query head g*group + j at position start + p0 + i, which sees keys
+// 0..start + p0 + i. Writes each row's normalised output through out_at(j, i).
+template <typename OutAt>
+void prefill_task(PrefillScratch& w, const float* qp, int64_t sq_h, int64_t sq_t, int64_t g,
+                  int64_t group, int64_t p0, int64_t n, int64_t start, const PagedSeq& seq,
+                  const float* kt, const float* vp, int64_t row, int64_t hd, OutAt out_at) {
+  const int64_t rows = group * n;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  for (int64_t j = 0; j < group; ++j)
+    for (int64_t i = 0; i < n; ++i) {
+      const float* src = qp + (g * group + j) * sq_h + (p0 + i) * sq_t;
+      float* dst = w.q.data() + (j * n + i) * hd;
+      for (int64_t d = 0; d < hd; ++d) dst[d] = src[d] * scale;
+      w.limit[j * n + i] = start + p0 + i + 1;  // keys visible to this row
+    }
+  std::fill(w.o.begin(), w.o.begin() + rows * hd, 0.f);
+  std::fill(w.best.begin(), w.best.begin() + rows, -INFINITY);
+  std::fill(w.total.begin(), w.total.begin() + rows, 0.f);
+  const int64_t keys = start + p0 + n;  // the last row's limit
+  for (int64_t k0 = 0; k0 < keys; k0 += kKBlock) {
+    const int64_t nk = std::min(kKBlock, keys - k0);
+    const float* ktb = kt + (k0 / kKBlock) * hd * kKBlock;
+    seq.for_each_slot(k0, k0 + nk, [&](int64_t jj, int64_t slot) { w.v[jj] = vp + slot * row + g * hd; });
+    for (int64_t r = 0; r < rows; r += 6) {
+      const int64_t mr = std::min<int64_t>(6, rows - r);
+      for (int64_t c = 0; c < nk; c += 16)
+        kQk[mr - 1](w.q.data() + r * hd, hd, ktb + c, w.s.data() + r * kKBlock + c);
+    }
+    // online softmax: rescale what each row accumulated so far to the new running maximum
+    for (int64_t r = 0; r < rows; ++r) {
+      float* s = w.s.data() + r * kKBlock;
+      const int64_t valid = std::clamp<int64_t>(w.limit[r] - k0, 0, nk);
+      const float m = max_of(s, valid, w.best[r]);
+      float sum = 0.f;
+      if (valid > 0) {
+        sum = exp_shift_sum(s, valid, m);
+        const float alpha = std::exp(w.best[r] - m);  // 0 on the first block (best = -inf)
+        if (alpha != 1.f) {
+          float* o = w.o.data() + r * hd;
+          for (int64_t d = 0; d < hd; ++d) o[d] *= alpha;
+        }
+        w.total[r] = w.total[r] * alpha + sum;
+        w.best[r] = m;
+      }
+      std::fill(s + valid, s + kKBlock, 0.f);  // masked keys weigh nothing
+    }
+    for (int64_t r = 0; r < rows; r += 2) {
+      const int64_t mr = std::min<int64_t>(2, rows - r);
+      const float* p = w.s.data() + r * kKBlock;
+      float* o = w.o.data() + r * hd;
+      int64_t d0 = 0;
+      for (; d0 + 32 <= hd; d0 += 32) kPv4[mr - 1](p, w.v.data(), nk, d0, o, hd);
+      for (; d0 < hd; d0 += 8) kPv1[mr - 1](p, w.v.data(), nk, d0, o, hd);
+    }
+  }
+  for (int64_t j = 0; j < group; ++j)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = j * n + i;
+      const float inv = 1.f / w.total[r];
+      const float* o = w.o.data() + r * hd;
+      float* dst = out_at(j, i);
+      for (int64_t d = 0; d < hd; ++d) dst[d] = o[d] * inv;
+    }
+}
+
+// q (B, H, T, hd) with unit last stride: T new tokens per sequence after starts[b] cached ones,
+// whose keys and values (all starts[b] + T of them) are already in the pools (slots, Hkv, hd).
+// Returns (B, H, T, hd) as a transposed view of a (B, T, H, hd) tensor, so the output
+// projection's reshape to (B, T, H*hd) is free.
+at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                   const at::Tensor& block_tables, const at::Tensor& starts,
+                                   int64_t block_size) {
+  TORCH_CHECK(q.dim() == 4 && q.stride(3) == 1, "q (B,H,T,hd) with unit last stride");
+  check_cpu_float(q, "q");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2);
+  const at::Tensor total = starts.to(at::kLong) + T;
+  PagedArgs pa(k_pool, v_pool, block_tables, total, B);
+  TORCH_CHECK(H % pa.Hkv == 0 && q.size(3) == pa.hd && pa.hd % 8 == 0,
+              "shape mismatch (head size must be a multiple of 8)");
+  pa.check_lengths(block_size, k_pool.size(0));
+  const int64_t hd = pa.hd, Hkv = pa.Hkv, group = H / Hkv, row = Hkv * hd;
+  auto out = at::empty({B, T, H, hd}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_pool.data_ptr<float>();
+  const float* vp = v_pool.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t* lp = pa.lengths.data_ptr<int64_t>();
+  const int64_t* tp = pa.tables.data_ptr<int64_t>();
+  // Later query blocks see more keys: hand the tasks out longest first, each thread taking the
+  // next one when it is free, so the causal triangle does not leave a thread idle at the end.
+  const int64_t nq = (T + kQBlock - 1) / kQBlock, heads = B * Hkv, tasks = nq * heads;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lp[b]);
+  const int64_t kt_size = (longest + kKBlock - 1) / kKBlock * kKBlock * hd;  // per (b, g)
+  std::vector<float> kt(heads * kt_size);
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h)
+      pack_keys(kp, PagedSeq{tp + (h / Hkv) * pa.width, block_size, lp[h / Hkv]}, row,
+                (h % Hkv) * hd, hd, kt.data() + h * kt_size);
+  });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    PrefillScratch w(group * kQBlock, hd);
+    for (int64_t t = next++; t < tasks; t = next++) {
+      const int64_t qb = nq - 1 - t / heads, b = (t % heads) / Hkv, g = t % Hkv;
+      const int64_t p0 = qb * kQBlock, n = std::min(kQBlock, T - p0), start = lp[b] - T;
+      const PagedSeq seq{tp + b * pa.width, block_size, lp[b]};
+      prefill_task(w, qp + b * q.stride(0), q.stride(1), q.stride(2), g, group, p0, n, start, seq,
+                   kt.data() + (t % heads) * kt_size, vp, row, hd, [&](int64_t j, int64_t i) {
+                     return op + ((b * T + p0 + i) * H + g * group + j) * hd;
+                   });
+    }
+  });
+  return out.transpose(1, 2);
+}
+
 // One pre-norm block (RMSNorm, RoPE attention over the paged cache, RMSNorm, SwiGLU FFN, both
 // residuals) for one new token per sequence, in one call:
 //   h = x + o(attend(rope(qkv(norm1(x))))),  out = h + down(silu(gate(norm2(h))) * up(norm2(h)))
@@ -492,11 +732,7 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& norm1, const at::
   for (int64_t b = 0; b < B; ++b) rms_norm_row(outp + b * D, norm2.data_ptr<float>(), hp + b * D, D, float(eps));
   linear_rows(hp, B, D, gate_up_w.data_ptr<float>(), 2 * F, optional_ptr(gate_up_b, 2 * F, "gate/up bias"), gup);
   at::parallel_for(0, B, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      for (int64_t j = 0; j < F; ++j) {
-        const float g = gup[b * 2 * F + j];
-        actp[b * F + j] = g / (1.f + std::exp(-g)) * gup[b * 2 * F + F + j];
-      }
+    for (int64_t b = begin; b < end; ++b) silu_mul_row(gup + b * 2 * F, gup + b * 2 * F + F, actp + b * F, F);
   });
   auto ffn = at::empty({B, D}, opts);
   linear_rows(actp, B, F, down_w.data_ptr<float>(), D, optional_ptr(down_b, D, "down bias"), ffn.data_ptr<float>());
@@ -510,10 +746,13 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& norm1, const at::
 TORCH_LIBRARY(pagoda_kernels, m) {
   m.def("skinny_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor", &skinny_linear);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()", &rope_);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor", &decode_attention);
   m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
         "Tensor lengths, int block_size) -> Tensor", &paged_decode_attention);
+  m.def("paged_prefill_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
+        "Tensor starts, int block_size) -> Tensor", &paged_prefill_attention);
   m.def("decode_block(Tensor x, Tensor norm1, Tensor norm2, float eps, Tensor qkv_w, Tensor? qkv_b, "
         "Tensor o_w, Tensor? o_b, Tensor gate_up_w, Tensor? gate_up_b, Tensor down_w, Tensor? down_b, "
         "Tensor cos, Tensor sin, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor new_slots, "
