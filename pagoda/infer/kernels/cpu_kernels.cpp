@@ -52,24 +52,32 @@ inline void axpy(float* y, float p, const float* x, int64_t n) {
   for (; i < n; ++i) y[i] += p * x[i];
 }
 
+// Loops over template constants are unrolled explicitly: unrolled late, GCC keeps the
+// accumulator arrays on the stack and spills every FMA's result.
+#define UNROLL _Pragma("GCC unroll 16")
+
 // A register tile: NR weight rows against MR input rows, NR*MR accumulators. Each step of 8
 // along K loads NR + MR vectors for NR*MR FMAs, so a batch of decode rows is bound by the FMA
-// units rather than by loads; one row (MR = 1) is bound by reading the weights anyway.
+// units rather than by loads; one row (MR = 1) is bound by reading the weights anyway. `next`
+// (or null) is the next tile's first weight row: fetched into cache while this one computes,
+// since several rows read at once are more streams than the hardware prefetcher follows.
 template <int NR, int MR>
 inline void tile(const float* x, int64_t K, const float* w, const float* bias, float* y,
-                 int64_t N, int64_t n, int64_t m) {
+                 int64_t N, int64_t n, int64_t m, const float* next) {
   __m256 acc[NR][MR];
-  for (int i = 0; i < NR; ++i)
-    for (int j = 0; j < MR; ++j) acc[i][j] = _mm256_setzero_ps();
+  UNROLL for (int i = 0; i < NR; ++i)
+    UNROLL for (int j = 0; j < MR; ++j) acc[i][j] = _mm256_setzero_ps();
   const float* wr = w + n * K;
   const float* xr = x + m * K;
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
-    __m256 xv[MR];
-    for (int j = 0; j < MR; ++j) xv[j] = _mm256_loadu_ps(xr + j * K + k);
-    for (int i = 0; i < NR; ++i) {
-      const __m256 wv = _mm256_loadu_ps(wr + i * K + k);
-      for (int j = 0; j < MR; ++j) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+    if (next && k % 16 == 0)
+      UNROLL for (int i = 0; i < NR; ++i) _mm_prefetch(reinterpret_cast<const char*>(next + i * K + k), _MM_HINT_T0);
+    __m256 wv[NR];
+    UNROLL for (int i = 0; i < NR; ++i) wv[i] = _mm256_loadu_ps(wr + i * K + k);
+    UNROLL for (int j = 0; j < MR; ++j) {
+      const __m256 xv = _mm256_loadu_ps(xr + j * K + k);
+      UNROLL for (int i = 0; i < NR; ++i) acc[i][j] = _mm256_fmadd_ps(wv[i], xv, acc[i][j]);
     }
   }
   for (int i = 0; i < NR; ++i)
@@ -80,19 +88,25 @@ inline void tile(const float* x, int64_t K, const float* w, const float* bias, f
     }
 }
 
-constexpr int kTileN = 4, kTileM = 2;  // 8 accumulators + 4 weight + 2 input registers of 16
-using TileFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t);
-constexpr TileFn kTiles[kTileN][kTileM] = {{tile<1, 1>, tile<1, 2>}, {tile<2, 1>, tile<2, 2>},
-                                           {tile<3, 1>, tile<3, 2>}, {tile<4, 1>, tile<4, 2>}};
+using TileFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t,
+                        int64_t, const float*);
+constexpr TileFn kTiles[4][4] = {{tile<1, 1>, tile<1, 2>, tile<1, 3>, tile<1, 4>},
+                                 {tile<2, 1>, tile<2, 2>, tile<2, 3>, tile<2, 4>},
+                                 {tile<3, 1>, tile<3, 2>, tile<3, 3>, tile<3, 4>},
+                                 {tile<4, 1>, tile<4, 2>, tile<4, 3>, tile<4, 4>}};
 
 // Output columns [begin, end): a few weight rows at a time, kept in L1 while every input row
-// passes over them, so each weight is read from memory once per call.
+// passes over them, so each weight is read from memory once per call. Up to 3 input rows get
+// 4 weight rows a tile; from 4 rows on, 3 x 4 tiles (12 accumulators + 3 weight + 1 input
+// register of the 16) do the most FMAs per load.
 void gemv_block(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t K,
                 int64_t N, int64_t begin, int64_t end) {
-  for (int64_t n = begin; n < end; n += kTileN) {
-    const int64_t nr = std::min<int64_t>(kTileN, end - n);
-    for (int64_t m = 0; m < M; m += kTileM)
-      kTiles[nr - 1][std::min<int64_t>(kTileM, M - m) - 1](x, K, w, bias, y, N, n, m);
+  const int64_t tn = M >= 4 ? 3 : 4;
+  for (int64_t n = begin; n < end; n += tn) {
+    const int64_t nr = std::min<int64_t>(tn, end - n);
+    const float* next = n + tn < end ? w + (n + tn) * K : nullptr;
+    for (int64_t m = 0; m < M; m += 4)
+      kTiles[nr - 1][std::min<int64_t>(4, M - m) - 1](x, K, w, bias, y, N, n, m, m == 0 ? next : nullptr);
   }
 }
 
@@ -471,10 +485,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
 // on these sizes (head size 64, hundreds of keys).
 constexpr int64_t kQBlock = 32;  // query positions per task
 constexpr int64_t kKBlock = 64;  // keys per block of the online softmax
-
-// Loops over template constants are unrolled explicitly: unrolled late, GCC keeps the
-// accumulator arrays on the stack and spills every FMA's result.
-#define UNROLL _Pragma("GCC unroll 16")
 
 // s (MR x 16, row stride kKBlock) = q (MR rows of hd, row stride hd) @ kt (hd x kKBlock)[:, c0:c0+16]
 template <int MR>
