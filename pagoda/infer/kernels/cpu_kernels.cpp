@@ -188,6 +188,19 @@ inline float exp_shift_sum(float* v, int64_t n, float shift) {
   return sum;
 }
 
+// max(m, v[0..n)).
+inline float max_of(const float* v, int64_t n, float m) {
+  __m256 acc = _mm256_set1_ps(m);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_max_ps(acc, _mm256_loadu_ps(v + i));
+  __m128 r = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_max_ss(r, _mm_shuffle_ps(r, r, 1));
+  float out = _mm_cvtss_f32(r);
+  for (; i < n; ++i) out = std::max(out, v[i]);
+  return out;
+}
+
 // out = silu(g) * u = g / (1 + exp(-g)) * u over n floats: SwiGLU's gate.
 inline void silu_mul_row(const float* g, const float* u, float* out, int64_t n) {
   const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
@@ -200,87 +213,131 @@ inline void silu_mul_row(const float* g, const float* u, float* out, int64_t n) 
   for (; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 
-// Keys are rows `row` floats apart in the pool, too far for the hardware prefetcher to follow:
-// ask for the row kAhead keys ahead (past a block's end it is a harmless miss).
-constexpr int64_t kAhead = 8;
+// Keys and values are rows `row` floats apart in the pool, too far for the hardware prefetcher
+// to follow: attention asks for the rows of the next 8 keys while it scores these.
 inline void prefetch_row(const float* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
 }
 
-// Softmax attention of the `group` query heads sharing one KV head over keys [s0, s1) of a paged
-// sequence, left unnormalised so key ranges can be merged: best[j] = max score, total[j] = sum of
-// exp(score - best[j]), acc[j] = sum of exp(score - best[j]) * value. Each key and value row is
-// read once for the whole group. qs holds the group's queries pre-multiplied by 1/sqrt(hd).
-void attend_range(const float* qs, int64_t group, const float* kp, const float* vp,
-                  const PagedSeq& seq, int64_t s0, int64_t s1, int64_t row, int64_t col, int64_t hd,
-                  float* scores, float* best, float* total, float* acc) {
-  const int64_t n = s1 - s0;
-  for (int64_t j = 0; j < group; ++j) best[j] = -INFINITY;
-  seq.for_each_slot(s0, s1, [&](int64_t i, int64_t slot) {
-    const float* k = kp + slot * row + col;
-    prefetch_row(k + kAhead * row, hd);
-    for (int64_t j = 0; j < group; ++j) scores[j * n + i] = dot(qs + j * hd, k, hd);
-  });
-  for (int64_t j = 0; j < group; ++j) {
-    float m = -INFINITY;
-    for (int64_t i = 0; i < n; ++i) m = std::max(m, scores[j * n + i]);
-    best[j] = m;
-    total[j] = n ? exp_shift_sum(scores + j * n, n, m) : 0.f;
+// Scores of one query against 8 key rows (columns col..col+hd of each): eight dot products accumulated side by side, then
+// reduced together by a tree of horizontal adds (one reduction for 8 keys, not one each).
+inline __m256 dot8(const float* q, const float* const* k, int64_t col, int64_t hd) {
+  __m256 a[8];
+  UNROLL for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= hd; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    UNROLL for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[i] + col + d), a[i]);
   }
-  std::fill(acc, acc + group * hd, 0.f);
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  if (d < hd) {  // a head size that is not a multiple of 8
+    alignas(32) float tail[8];
+    for (int i = 0; i < 8; ++i) {
+      tail[i] = 0.f;
+      for (int64_t e = d; e < hd; ++e) tail[i] += q[e] * k[i][col + e];
+    }
+    sum = _mm256_add_ps(sum, _mm256_load_ps(tail));
+  }
+  return sum;
+}
+
+// out (hd) = sum_i p[i] * v[i][col:col+hd]: 8 output vectors stay in registers across all n rows.
+inline void weighted_sum(const float* p, const float* const* v, int64_t n, int64_t col, int64_t hd,
+                         float* out) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= hd; d0 += 64) {
+    __m256 acc[8];
+    UNROLL for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; ++i) {
+      const __m256 pv = _mm256_set1_ps(p[i]);
+      UNROLL for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v[i] + col + d0 + 8 * c), acc[c]);
+    }
+    UNROLL for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + d0 + 8 * c, acc[c]);
+  }
+  std::fill(out + d0, out + hd, 0.f);
+  for (int64_t i = 0; i < n; ++i) axpy(out + d0, p[i], v[i] + col + d0, hd - d0);
+}
+
+// Softmax attention of all H query heads of one sequence over its keys [s0, s1), left
+// unnormalised so key ranges can be merged: best[h] = max score, total[h] = sum of
+// exp(score - best[h]), acc[h] = sum of exp(score - best[h]) * value. Every head at once, so each
+// pool row (all KV heads of a position, contiguous) is streamed from memory once and whole;
+// query head h reads KV head h / (H / Hkv). qs holds the queries pre-multiplied by 1/sqrt(hd);
+// keys and values hold room for s1 - s0 row pointers.
+void attend_range(const float* qs, int64_t H, int64_t Hkv, const float* kp, const float* vp,
+                  const PagedSeq& seq, int64_t s0, int64_t s1, int64_t hd, float* scores,
+                  const float** keys, const float** values, float* best, float* total, float* acc) {
+  const int64_t n = s1 - s0, row = Hkv * hd, group = H / Hkv;
   seq.for_each_slot(s0, s1, [&](int64_t i, int64_t slot) {
-    const float* v = vp + slot * row + col;
-    prefetch_row(v + kAhead * row, hd);
-    for (int64_t j = 0; j < group; ++j) axpy(acc + j * hd, scores[j * n + i], v, hd);
+    keys[i] = kp + slot * row;
+    values[i] = vp + slot * row;
   });
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int64_t a = i + 8; a < std::min(i + 16, n); ++a) {
+      prefetch_row(keys[a], row);
+      prefetch_row(values[a - 8], row);
+    }
+    for (int64_t h = 0; h < H; ++h)
+      _mm256_storeu_ps(scores + h * n + i, dot8(qs + h * hd, keys + i, (h / group) * hd, hd));
+  }
+  for (; i < n; ++i)
+    for (int64_t h = 0; h < H; ++h) scores[h * n + i] = dot(qs + h * hd, keys[i] + (h / group) * hd, hd);
+  for (int64_t h = 0; h < H; ++h) {
+    const float m = max_of(scores + h * n, n, -INFINITY);
+    best[h] = m;
+    total[h] = n ? exp_shift_sum(scores + h * n, n, m) : 0.f;
+    weighted_sum(scores + h * n, values, n, (h / group) * hd, hd, acc + h * hd);
+  }
 }
 
 // Every query head of B sequences (q_at(b, h) points at a head vector) over the paged pools;
-// out is (B, H, hd) contiguous. Work is split by (sequence, KV head, range of keys) so that even
-// one sequence keeps every thread busy (split-K, as in flash-decoding); the ranges are merged
+// out is (B, H, hd) contiguous. Work is split by (sequence, range of keys) so that even one
+// sequence keeps every thread busy (split-K, as in flash-decoding); the ranges are merged
 // with the usual log-sum-exp rescaling.
 template <typename QAt>
 void attend_paged(QAt q_at, const float* kp, const float* vp, const int64_t* tables,
                   int64_t table_width, int64_t block_size, const int64_t* lengths, int64_t B,
                   int64_t H, int64_t Hkv, int64_t hd, float* out) {
-  const int64_t group = H / Hkv, row = Hkv * hd;
   const float scale = 1.0f / std::sqrt(float(hd));
   int64_t longest = 1;
   for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lengths[b]);
   const int64_t want = 4 * at::get_num_threads();  // tasks to aim for
-  const int64_t splits = std::min<int64_t>((want + B * Hkv - 1) / (B * Hkv), (longest + 31) / 32);
+  const int64_t splits = std::min<int64_t>((want + B - 1) / B, (longest + 31) / 32);
   const int64_t span = (longest + splits - 1) / splits;  // keys per range (>= 32 unless short)
-  const int64_t parts = B * Hkv * splits;
-  std::vector<float> best(parts * group), total(parts * group), acc(parts * group * hd);
+  const int64_t parts = B * splits;  // part t = (sequence t / splits, range t % splits)
+  std::vector<float> best(parts * H), total(parts * H), acc(parts * H * hd);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qs(group * hd), scores(group * span), local(group * hd), m(group), l(group);
+    std::vector<float> qs(H * hd), scores(H * span), local(H * hd), m(H), l(H);
+    std::vector<const float*> keys(span), values(span);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / (Hkv * splits), g = (t / splits) % Hkv, c = t % splits;
+      const int64_t b = t / splits, c = t % splits;
       const PagedSeq seq{tables + b * table_width, block_size, lengths[b]};
       const int64_t s0 = std::min(c * span, seq.length), s1 = std::min(s0 + span, seq.length);
-      for (int64_t j = 0; j < group; ++j) {
-        const float* q = q_at(b, g * group + j);
-        for (int64_t d = 0; d < hd; ++d) qs[j * hd + d] = q[d] * scale;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* q = q_at(b, h);
+        for (int64_t d = 0; d < hd; ++d) qs[h * hd + d] = q[d] * scale;
       }
-      attend_range(qs.data(), group, kp, vp, seq, s0, s1, row, g * hd, hd, scores.data(),
-                   m.data(), l.data(), local.data());
+      attend_range(qs.data(), H, Hkv, kp, vp, seq, s0, s1, hd, scores.data(), keys.data(),
+                   values.data(), m.data(), l.data(), local.data());
       // copied out at the end: neighbouring tasks (other threads) share these cache lines
-      std::copy(m.begin(), m.end(), best.begin() + t * group);
-      std::copy(l.begin(), l.end(), total.begin() + t * group);
-      std::copy(local.begin(), local.end(), acc.begin() + t * group * hd);
+      std::copy(m.begin(), m.end(), best.begin() + t * H);
+      std::copy(l.begin(), l.end(), total.begin() + t * H);
+      std::copy(local.begin(), local.end(), acc.begin() + t * H * hd);
     }
   });
   at::parallel_for(0, B * H, 4, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / H, h = i % H, g = h / group, j = h % group;
-      const int64_t first = (b * Hkv + g) * splits;  // this head's ranges: parts first..first+splits
+      const int64_t b = i / H, h = i % H;
       float m = -INFINITY;
-      for (int64_t c = 0; c < splits; ++c) m = std::max(m, best[(first + c) * group + j]);
+      for (int64_t c = 0; c < splits; ++c) m = std::max(m, best[(b * splits + c) * H + h]);
       float* o = out + i * hd;
       std::fill(o, o + hd, 0.f);
       float sum = 0.f;
       for (int64_t c = 0; c < splits; ++c) {
-        const int64_t at = (first + c) * group + j;
+        const int64_t at = (b * splits + c) * H + h;
         if (total[at] == 0.f) continue;  // an empty range
         const float w = std::exp(best[at] - m);
         sum += total[at] * w;
@@ -550,17 +607,6 @@ void pack_keys(const float* kp, const PagedSeq& seq, int64_t row, int64_t col, i
   });
 }
 
-inline float max_of(const float* v, int64_t n, float m) {
-  __m256 acc = _mm256_set1_ps(m);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_max_ps(acc, _mm256_loadu_ps(v + i));
-  __m128 r = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  r = _mm_max_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_max_ss(r, _mm_shuffle_ps(r, r, 1));
-  float out = _mm_cvtss_f32(r);
-  for (; i < n; ++i) out = std::max(out, v[i]);
-  return out;
-}
 
 // Rows r = j * n + i: query head g*group + j at position start + p0 + i, which sees keys
 // 0..start + p0 + i. Writes each row's normalised output through out_at(j, i).
