@@ -210,11 +210,13 @@ class StaticBatchEngine:
 
         return EngineStats(self._running, self._inbox.qsize(), 0, 0, 16)
 
-    async def generate(self, prompt_ids: list[int], params: Any,
-                       request_id: str | None = None) -> Any:
+    async def generate(self, prompt_ids: list[int], params: Any, request_id: str | None = None,
+                       adapter: str | None = None) -> Any:
         """Tokens (`TokenOutput`) of one request; closing the iterator cancels it."""
         from pagoda.infer.generate import check_request
 
+        if adapter is not None:
+            raise ValueError("the static-batching baseline serves the base model only")
         request_id = request_id or uuid.uuid4().hex
         check_request(len(prompt_ids), params, self.model.cfg.max_seq_len)
         loop, stream = asyncio.get_running_loop(), asyncio.Queue()

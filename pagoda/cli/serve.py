@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="waiting-queue cap; beyond it requests get 503")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV-cache pool size in tokens")
+    p.add_argument("--no-prefix-caching", action="store_false", default=None,
+                   dest="prefix_caching", help="recompute every prompt in full instead of "
+                   "reusing the KV blocks of prefixes computed before")
     p.add_argument("--adapter", action="append", default=None, metavar="NAME=PATH",
                    help="serve a PEFT LoRA adapter folder too; requests pick it with "
                         "\"model\": \"BASE:NAME\" (repeatable)")
@@ -59,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from pagoda.serve.logs import setup_logging
 
     setup_logging(logging.DEBUG if args.debug else logging.INFO)
-    engine = {k: v for k in ("max_running", "max_waiting", "kv_cache_tokens")
+    engine = {k: v for k in ("max_running", "max_waiting", "kv_cache_tokens", "prefix_caching")
               if (v := getattr(args, k)) is not None}
     settings = ServeSettings.load(
         args.config, model=args.model, embedding_model=args.embedding_model, host=args.host,

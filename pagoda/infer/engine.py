@@ -53,6 +53,7 @@ class EngineConfig:
     # KV pool size in tokens; None: room for max_running sequences of up to 2048 tokens each.
     kv_cache_tokens: int | None = None
     max_step_tokens: int = 512  # token budget per step; longer prompts prefill in chunks
+    prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before
 
 
 @dataclass
@@ -76,6 +77,8 @@ class EngineStats:
     kv_blocks_used: int
     kv_blocks_total: int
     block_size: int
+    kv_blocks_cached: int = 0  # blocks in the prefix cache (in use or kept for reuse)
+    prefix_cache_hit_rate: float = 0.0  # share of admitted tokens taken from the cache
 
 
 class Engine:
@@ -89,7 +92,8 @@ class Engine:
         tokens = config.kv_cache_tokens or config.max_running * min(model.cfg.max_seq_len, 2048)
         self.pool = PagedKVPool(model.cfg, -(-tokens // config.block_size), config.block_size,
                                 device=model.device, dtype=model.dtype)
-        self.scheduler = Scheduler(self.pool, config.max_running, config.max_step_tokens)
+        self.scheduler = Scheduler(self.pool, config.max_running, config.max_step_tokens,
+                                   config.prefix_caching)
 
     def prepare(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                 adapter: str | None = None) -> Sequence:
@@ -137,6 +141,7 @@ class Engine:
             raise InvalidRequestError("adapters on lm_head cannot be served per sequence (the "
                                       "head sees only the sampled rows); merge it instead")
         attach_adapter(self.model, adapter, name)
+        self.pool.allocator.clear_cache()  # the name may be back with other weights
 
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter no queued or running request uses (call between steps)."""
@@ -157,9 +162,10 @@ class Engine:
 
     @property
     def stats(self) -> EngineStats:
-        alloc = self.pool.allocator
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
-                           alloc.num_used, alloc.num_blocks, self.pool.block_size)
+        alloc, sched = self.pool.allocator, self.scheduler
+        return EngineStats(len(sched.running), len(sched.waiting), alloc.num_used,
+                           alloc.num_blocks, self.pool.block_size, alloc.num_cached,
+                           sched.reused_tokens / sched.prompt_tokens if sched.prompt_tokens else 0.0)
 
     @torch.inference_mode()
     def step(self) -> list[TokenOutput]:
@@ -184,7 +190,7 @@ class Engine:
                 out = self.model(ids, cache=batch, keep=batch.last_tokens)[0]  # (len(seqs), V)
         ready, logits = [], []
         for row, (seq, n) in enumerate(plan):
-            seq.cached += n
+            self.scheduler.commit(seq, n)
             if seq.pending == 0:  # all its tokens are cached: sample the next one
                 ready.append(seq)
                 logits.append(out[row])

@@ -8,6 +8,7 @@ one forward pass uses (it implements the model's `AttentionCache` protocol).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from functools import cached_property
 
 import torch
@@ -18,27 +19,82 @@ from pagoda.model.kv_cache import AttendFn
 
 
 class BlockAllocator:
-    """A free list of block ids."""
+    """A free list of block ids, reference counts, and a prefix cache of full blocks.
+
+    Blocks can be shared: a full block whose tokens are known is registered under a key naming
+    its contents (every token up to its end, and the adapter), and a later sequence with the same
+    prefix acquires it instead of recomputing it (vLLM's automatic prefix caching). When its last
+    user releases it, a registered block keeps its contents and is reused only once the free
+    list is empty, least recently released first.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._refs = [0] * num_blocks
+        self._key_of: dict[int, bytes] = {}  # registered block -> key
+        self._block_of: dict[bytes, int] = {}  # key -> registered block
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unused; LRU first
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks a sequence can get now (free, or cached and unused)."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        """Blocks held by at least one sequence."""
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks registered in the prefix cache (in use or not)."""
+        return len(self._block_of)
 
     def allocate(self) -> int | None:
-        """One free block, or None when the pool is exhausted."""
-        return self._free.pop() if self._free else None
+        """One block for new contents, or None when the pool is exhausted."""
+        if self._free:
+            block = self._free.pop()
+        elif self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            del self._block_of[self._key_of.pop(block)]
+        else:
+            return None
+        self._refs[block] = 1
+        return block
 
     def release(self, blocks: list[int]) -> None:
         """Give blocks back (a sequence finished, was cancelled or preempted)."""
-        self._free.extend(reversed(blocks))
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._key_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
+
+    def register(self, block: int, key: bytes) -> None:
+        """Record that `block` (full, in use) holds the contents named by key."""
+        if key not in self._block_of and block not in self._key_of:
+            self._block_of[key] = block
+            self._key_of[block] = key
+
+    def clear_cache(self) -> None:
+        """Forget every registered block (their contents are stale, e.g. an adapter was
+        replaced); blocks in use stay with their sequences and are freed as usual."""
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._key_of.clear()
+        self._block_of.clear()
+
+    def acquire(self, key: bytes) -> int | None:
+        """The cached block holding key's contents, now also held by the caller, or None."""
+        block = self._block_of.get(key)
+        if block is not None:
+            if self._refs[block] == 0:
+                del self._evictable[block]
+            self._refs[block] += 1
+        return block
 
 
 class PagedKVPool:

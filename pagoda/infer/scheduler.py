@@ -5,10 +5,15 @@ being prefilled takes what is left of the budget (chunked prefill), so a long pr
 the others. Waiting requests join between steps while there is room (running cap, budget, KV
 blocks). When the KV pool runs out mid-decode, the most recently admitted sequence is preempted:
 its blocks are freed and it is recomputed later from its tokens (vLLM's recompute preemption).
+With prefix caching, a sequence starts from the longest run of full blocks some earlier sequence
+already computed for the same leading tokens (a shared system prompt, the earlier turns of a
+chat, a preempted sequence's own blocks) and prefills only the rest.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -30,10 +35,23 @@ class Sequence:
     table: list[int] = field(default_factory=list)  # KV block ids, in order
     cached: int = 0  # leading tokens whose keys/values are in the pool
     adapter: str | None = None  # LoRA adapter applied to this sequence's tokens (None: base)
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of full blocks
 
     @property
     def ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def block_key(self, index: int, block_size: int) -> bytes:
+        """Prefix-cache key of the index-th full block of tokens: a hash chained over every
+        block up to it, rooted in the adapter (whose keys and values differ from the base's)."""
+        if len(self.block_keys) <= index:
+            ids = self.ids
+            while len(self.block_keys) <= index:
+                i = len(self.block_keys)
+                parent = self.block_keys[-1] if i else f"adapter:{self.adapter}".encode()
+                tokens = array("q", ids[i * block_size:(i + 1) * block_size]).tobytes()
+                self.block_keys.append(hashlib.sha256(parent + tokens).digest())
+        return self.block_keys[index]
 
     @property
     def pending(self) -> int:
@@ -44,12 +62,16 @@ class Sequence:
 class Scheduler:
     """Waiting queue + running set over one KV pool."""
 
-    def __init__(self, pool: PagedKVPool, max_running: int, max_step_tokens: int) -> None:
+    def __init__(self, pool: PagedKVPool, max_running: int, max_step_tokens: int,
+                 prefix_caching: bool = True) -> None:
         self.pool = pool
         self.max_running = max_running
         self.max_step_tokens = max_step_tokens
+        self.prefix_caching = prefix_caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
+        self.prompt_tokens = 0  # tokens of every admitted sequence so far
+        self.reused_tokens = 0  # of which found in the prefix cache
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, new tokens) pairs for this step; grows block tables to fit them."""
@@ -65,13 +87,40 @@ class Scheduler:
             budget = self.max_step_tokens - sum(n for _, n in plan.values())
         while self.waiting and len(self.running) < self.max_running and budget > 0:
             seq = self.waiting[0]
+            self._reuse_prefix(seq)
             n = min(seq.pending, budget)
             if not self.pool.grow(seq.table, seq.cached + n):
-                break  # no blocks: it waits until a sequence finishes
+                self.pool.allocator.release(seq.table)  # no blocks: it waits until a
+                seq.table, seq.cached = [], 0  # sequence finishes, holding none meanwhile
+                break
             self.running.append(self.waiting.popleft())
+            self.prompt_tokens += len(seq.ids)
+            self.reused_tokens += seq.cached
             plan[id(seq)] = (seq, n)
             budget -= n
         return list(plan.values())
+
+    def commit(self, seq: Sequence, n: int) -> None:
+        """The model has run seq's next n tokens: they are cached, and the blocks they filled
+        are offered to the prefix cache."""
+        start, seq.cached = seq.cached, seq.cached + n
+        if self.prefix_caching:
+            bs = self.pool.block_size
+            for i in range(start // bs, seq.cached // bs):
+                self.pool.allocator.register(seq.table[i], seq.block_key(i, bs))
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start seq from the cached blocks matching its leading tokens; at least one token is
+        left to run, since sampling needs its logits."""
+        if not self.prefix_caching or seq.table:
+            return
+        bs = self.pool.block_size
+        for i in range((len(seq.prompt_ids) + len(seq.output_ids) - 1) // bs):
+            block = self.pool.allocator.acquire(seq.block_key(i, bs))
+            if block is None:
+                break
+            seq.table.append(block)
+        seq.cached = len(seq.table) * bs
 
     def _make_room(self, seq: Sequence, n: int, plan: dict[int, tuple[Sequence, int]]) -> bool:
         """Blocks for seq's next n tokens, preempting later-admitted sequences if needed."""

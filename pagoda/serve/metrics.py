@@ -5,7 +5,7 @@ Names: pagoda_requests_total{endpoint,status}, pagoda_request_latency_seconds{en
 pagoda_time_to_first_token_seconds, pagoda_inter_token_latency_seconds,
 pagoda_prompt_tokens_total, pagoda_generation_tokens_total, pagoda_requests_running,
 pagoda_requests_waiting, pagoda_kv_cache_blocks_used, pagoda_kv_cache_blocks_total,
-pagoda_kv_cache_usage_ratio.
+pagoda_kv_cache_usage_ratio, pagoda_kv_cache_blocks_cached, pagoda_prefix_cache_hit_ratio.
 """
 
 from __future__ import annotations
@@ -58,6 +58,12 @@ class ServeMetrics:
                               registry=r)
         self.kv_ratio = Gauge("pagoda_kv_cache_usage_ratio", "KV-cache blocks used / total",
                               registry=r)
+        self.kv_cached = Gauge("pagoda_kv_cache_blocks_cached",
+                               "KV-cache blocks in the prefix cache (in use or kept for reuse)",
+                               registry=r)
+        self.prefix_hits = Gauge("pagoda_prefix_cache_hit_ratio",
+                                 "share of admitted prompt tokens found in the prefix cache",
+                                 registry=r)
 
     def observe_engine(self, stats: Any) -> None:
         """Copy the engine's EngineStats into the gauges (called at every scrape)."""
@@ -69,6 +75,8 @@ class ServeMetrics:
         self.kv_total.set(stats.kv_blocks_total)
         self.kv_ratio.set(stats.kv_blocks_used / stats.kv_blocks_total
                           if stats.kv_blocks_total else 0.0)
+        self.kv_cached.set(stats.kv_blocks_cached)
+        self.prefix_hits.set(stats.prefix_cache_hit_rate)
 
     def render(self, stats: Any = None) -> bytes:
         """The text exposition format of every metric."""

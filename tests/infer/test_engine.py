@@ -126,6 +126,62 @@ def test_async_engine_streams_and_cancels(model):
 
 
 # ---------------------------------------------------------------------- LoRA adapters per request
+def test_prefix_cache_reuses_shared_prompt_blocks(model):
+    """Requests sharing a prefix with earlier ones prefill only the rest and give the same tokens
+    as without the cache; cached blocks outlive their sequences until the pool needs them."""
+    g = torch.Generator().manual_seed(5)
+    system = torch.randint(2, 500, (37,), generator=g).tolist()  # 4 full blocks of 8 + 5
+    asks = [torch.randint(2, 500, (n,), generator=g).tolist() for n in (9, 3, 20, 1)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine = Engine(model, EOS, EngineConfig(block_size=8, kv_cache_tokens=256))
+    plain = Engine(model, EOS, EngineConfig(block_size=8, kv_cache_tokens=256,
+                                            prefix_caching=False))
+    for i, ask in enumerate(asks):
+        for e in (engine, plain):
+            e.add_request(f"r{i}", system + ask, params)
+        assert run_all(engine) == run_all(plain)  # one after the other: each reuses the last
+        assert plain.scheduler.reused_tokens == 0
+    assert engine.scheduler.reused_tokens == 3 * 32  # the system prompt's 4 full blocks
+    assert engine.stats.kv_blocks_used == 0 and engine.stats.kv_blocks_cached > 0
+    assert engine.stats.prefix_cache_hit_rate == pytest.approx(96 / (4 * 37 + 33))
+    # a whole prompt seen before: everything but its last token comes from the cache
+    engine.add_request("again", system + asks[2], params)
+    plain.add_request("again", system + asks[2], params)
+    assert run_all(engine) == run_all(plain)
+    assert engine.scheduler.reused_tokens == 96 + 56  # 7 full blocks of the 57 tokens
+    # new work evicts unused cached blocks when the free list runs dry, and nothing leaks
+    for i, p in enumerate(prompts(6, seed=9)):
+        engine.add_request(f"n{i}", p, params)
+    run_all(engine)
+    assert engine.stats.kv_blocks_used == 0
+
+
+def test_prefix_cache_keeps_adapters_apart(adapted):
+    """The same tokens under another adapter are other keys and values: never shared; and a
+    reloaded adapter name forgets what was cached for it."""
+    import copy
+
+    base, adapters = adapted
+    engine = Engine(copy.deepcopy(base), EOS, EngineConfig(block_size=4))
+    engine.add_adapter("a", adapters["a"])
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    prompt = list(range(2, 30))
+    got = {}
+    for rid, adapter in (("base", None), ("a", "a"), ("a2", "a")):
+        engine.admit(engine.prepare(rid, prompt, params, adapter))
+        got.update(run_all(engine))
+    assert got["a"] == got["a2"] == reference(with_adapter(base, adapters["a"], "a"), prompt,
+                                              params)
+    assert got["base"] == reference(base, prompt, params)
+    assert engine.scheduler.reused_tokens == 24  # only "a2" reused, from "a": 6 blocks of 4
+    engine.remove_adapter("a")
+    engine.add_adapter("a", adapters["b"])  # same name, other weights
+    engine.admit(engine.prepare("b", prompt, params, "a"))
+    assert run_all(engine)["b"] == reference(with_adapter(base, adapters["b"], "b"), prompt,
+                                             params)
+    assert engine.scheduler.reused_tokens == 24
+
+
 @pytest.fixture(scope="module")
 def adapted(tmp_path_factory, random_adapter):
     """A fresh base model (not the shared one) and two adapters for it."""

@@ -104,6 +104,29 @@ def test_decode_batches_of_different_lengths(name):
                                        rtol=1e-4)
 
 
+def test_block_allocator_prefix_cache():
+    alloc = BlockAllocator(3)
+    a, b = alloc.allocate(), alloc.allocate()
+    alloc.register(a, b"A")
+    alloc.register(b, b"A")  # a key names one block: the second registration is ignored
+    assert alloc.num_cached == 1
+    assert alloc.acquire(b"A") == a and alloc.acquire(b"missing") is None
+    alloc.release([a, b])
+    assert alloc.num_used == 1  # a is still held by its second user
+    alloc.release([a])
+    assert alloc.num_used == 0 and alloc.num_free == 3 and alloc.num_cached == 1
+    assert alloc.acquire(b"A") == a  # kept after its last user left
+    alloc.release([a])
+    taken = {alloc.allocate() for _ in range(3)}  # free blocks first, then the cached one
+    assert taken == {0, 1, 2} and alloc.num_cached == 0 and alloc.acquire(b"A") is None
+    alloc.release(list(taken))
+    c = alloc.allocate()
+    alloc.register(c, b"C")
+    alloc.release([c])
+    alloc.clear_cache()
+    assert alloc.num_cached == 0 and alloc.num_free == 3 and alloc.acquire(b"C") is None
+
+
 def test_block_allocator_and_pool_accounting():
     alloc = BlockAllocator(3)
     blocks = [alloc.allocate() for _ in range(3)]
