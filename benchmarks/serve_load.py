@@ -18,8 +18,9 @@ at a time, interleaved level by level in a rotating order, and always stopped at
                when that interpreter is missing.
 
 Workload (identical for every peer): closed loop — at concurrency N, N clients each send a
-streaming /v1/chat/completions request, wait for its end, send the next; request i always
-gets prompt i and max_tokens i. Prompts are real passages of tinyshakespeare
+streaming /v1/chat/completions request, wait for its end, send the next; request i of a run
+gets that run's prompt i and max_tokens i, and no prompt is sent in two runs (levels or
+repeats), so prefix caches see only what the requests really share. Prompts are real passages of tinyshakespeare
 (../shared/data/tinyshakespeare/input.txt) with a fixed system message and a request to
 continue the scene; temperature 0; EOS is honoured (outputs may end early; all peers see the
 same requests). Measured on the client: output tokens = streamed chunks with non-empty
@@ -179,6 +180,18 @@ def build_workload(count: int, tokens: tuple[int, int], seed: int = 0) -> list[R
 
 def requests_for(level: int, args: argparse.Namespace) -> int:
     return max(args.rounds * level, args.min_requests)
+
+
+def run_offsets(runs: list[tuple[int, int]], counts: dict[int, int]) -> dict[tuple[int, int], int]:
+    """Where each (level, repeat) run's requests start in the workload. Every run gets prompts
+    no earlier run sent, so a server's prefix cache only ever reuses what requests really share
+    (the system message and chat template), and each starts on a whole cycle of max_tokens
+    values, so every run draws the same mix. The first cycle is the warm-up's."""
+    offsets, at = {}, LENGTH_CYCLE
+    for level, rep in runs:
+        offsets[level, rep] = at
+        at += -(-counts[level] // LENGTH_CYCLE) * LENGTH_CYCLE
+    return offsets
 
 
 # ------------------------------------------------------------------------------ static batching
@@ -580,7 +593,10 @@ def run(args: argparse.Namespace) -> dict:
     load_start = os.getloadavg()[0]
     args.log_dir = Path(tempfile.mkdtemp(prefix="serve_load_"))  # server logs
     counts = {lv: requests_for(lv, args) for lv in args.levels}
-    workload = build_workload(max(counts.values()), args.max_tokens_range)
+    runs_order = [(lv, r) for lv in args.levels for r in range(args.repeats)]
+    offsets = run_offsets(runs_order, counts)
+    workload = build_workload(max(o + counts[lv] for (lv, _), o in offsets.items()),
+                              args.max_tokens_range)
     notes: list[str] = []
     peers = list(args.peers)
     if "llamacpp" in peers and not args.llama_python.exists():
@@ -591,7 +607,8 @@ def run(args: argparse.Namespace) -> dict:
         [lv for lv in args.levels if lv <= TARGET_LEVEL] or args.levels)
 
     with err.status(f"prefill of {target_level} prompts back to back (in-process)"):
-        prefill = measure_prefill(workload, target_level, args.threads)
+        prefill = measure_prefill(workload[offsets[target_level, 0]:], target_level,
+                                  args.threads)
     gguf = Path(prefill.pop("gguf"))
 
     servers: dict[str, tuple[Server, str]] = {}  # peer -> (server, model id)
@@ -618,8 +635,7 @@ def run(args: argparse.Namespace) -> dict:
             servers[peer] = (server, model)
             runs[peer] = {str(lv): [] for lv in args.levels}
         order = list(servers)
-        for i, (level, rep) in enumerate((lv, r) for lv in args.levels
-                                         for r in range(args.repeats)):
+        for i, (level, rep) in enumerate(runs_order):
             k = i % len(order) if order else 0  # rotate who goes first: drift hits all peers
             for peer in order[k:] + order[:k]:
                 server, model = servers[peer]
@@ -627,8 +643,9 @@ def run(args: argparse.Namespace) -> dict:
                 load0 = os.getloadavg()[0]
                 with err.status(f"{peer}: {level} concurrent streams, {counts[level]} requests"
                                 f" (run {rep + 1}/{args.repeats})"):
-                    recs, cut = asyncio.run(run_level(server.base, model, workload, level,
-                                                      counts[level], args.level_timeout))
+                    recs, cut = asyncio.run(run_level(
+                        server.base, model, workload[offsets[level, rep]:], level,
+                        counts[level], args.level_timeout))
                 row = summarize_level(level, recs, cut)
                 row["load_avg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
                 if peer == "static":  # batches this level ran, and their mean size
