@@ -112,7 +112,7 @@ class Scheduler:
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Start seq from the cached blocks matching its leading tokens; at least one token is
         left to run, since sampling needs its logits."""
-        if not self.prefix_caching or seq.table:
+        if not self.prefix_caching:
             return
         bs = self.pool.block_size
         for i in range((len(seq.prompt_ids) + len(seq.output_ids) - 1) // bs):

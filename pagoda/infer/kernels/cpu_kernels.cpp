@@ -90,10 +90,11 @@ inline void tile(const float* x, int64_t K, const float* w, const float* bias, f
 
 using TileFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t,
                         int64_t, const float*);
+// kTiles[NR - 1][MR - 1]; no 4 x 4 tile: from 4 input rows on, tiles are 3 weight rows wide.
 constexpr TileFn kTiles[4][4] = {{tile<1, 1>, tile<1, 2>, tile<1, 3>, tile<1, 4>},
                                  {tile<2, 1>, tile<2, 2>, tile<2, 3>, tile<2, 4>},
                                  {tile<3, 1>, tile<3, 2>, tile<3, 3>, tile<3, 4>},
-                                 {tile<4, 1>, tile<4, 2>, tile<4, 3>, tile<4, 4>}};
+                                 {tile<4, 1>, tile<4, 2>, tile<4, 3>, nullptr}};
 
 // Output columns [begin, end): a few weight rows at a time, kept in L1 while every input row
 // passes over them, so each weight is read from memory once per call. Up to 3 input rows get
@@ -214,7 +215,8 @@ inline void silu_mul_row(const float* g, const float* u, float* out, int64_t n) 
 }
 
 // Keys and values are rows `row` floats apart in the pool, too far for the hardware prefetcher
-// to follow: attention asks for the rows of the next 8 keys while it scores these.
+// to follow: while attention scores 8 keys it asks for the next 8 key rows and these 8 value
+// rows (summed once every key is scored).
 inline void prefetch_row(const float* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
 }
@@ -590,16 +592,14 @@ constexpr PvFn kPv1[2] = {pv_tile<1, 1>, pv_tile<2, 1>};
 struct PrefillScratch {
   std::vector<float> q, s, o, best, total;
   std::vector<const float*> v;
-  std::vector<int64_t> limit;
   PrefillScratch(int64_t rows, int64_t hd)
-      : q(rows * hd), s(rows * kKBlock), o(rows * hd), best(rows), total(rows), v(kKBlock), limit(rows) {}
+      : q(rows * hd), s(rows * kKBlock), o(rows * hd), best(rows), total(rows), v(kKBlock) {}
 };
 
-// Keys of one sequence and KV head, transposed block by block: kt[blk] is (hd x kKBlock), zero
-// past the last key, the layout the score tile reads. Packed once and shared by every task.
+// Keys of one sequence and KV head, transposed block by block: kt[blk] is (hd x kKBlock), the
+// layout the score tile reads; kt comes zeroed, so columns past the last key stay 0. Packed once
+// and shared by every task.
 void pack_keys(const float* kp, const PagedSeq& seq, int64_t row, int64_t col, int64_t hd, float* kt) {
-  const int64_t blocks = (seq.length + kKBlock - 1) / kKBlock;
-  std::fill(kt, kt + blocks * hd * kKBlock, 0.f);
   seq.for_each_slot(0, seq.length, [&](int64_t i, int64_t slot) {
     const float* k = kp + slot * row + col;
     float* dst = kt + (i / kKBlock) * hd * kKBlock + i % kKBlock;
@@ -621,7 +621,6 @@ void prefill_task(PrefillScratch& w, const float* qp, int64_t sq_h, int64_t sq_t
       const float* src = qp + (g * group + j) * sq_h + (p0 + i) * sq_t;
       float* dst = w.q.data() + (j * n + i) * hd;
       for (int64_t d = 0; d < hd; ++d) dst[d] = src[d] * scale;
-      w.limit[j * n + i] = start + p0 + i + 1;  // keys visible to this row
     }
   std::fill(w.o.begin(), w.o.begin() + rows * hd, 0.f);
   std::fill(w.best.begin(), w.best.begin() + rows, -INFINITY);
@@ -639,7 +638,8 @@ void prefill_task(PrefillScratch& w, const float* qp, int64_t sq_h, int64_t sq_t
     // online softmax: rescale what each row accumulated so far to the new running maximum
     for (int64_t r = 0; r < rows; ++r) {
       float* s = w.s.data() + r * kKBlock;
-      const int64_t valid = std::clamp<int64_t>(w.limit[r] - k0, 0, nk);
+      const int64_t visible = start + p0 + r % n + 1;  // keys row r may see
+      const int64_t valid = std::clamp<int64_t>(visible - k0, 0, nk);
       const float m = max_of(s, valid, w.best[r]);
       float sum = 0.f;
       if (valid > 0) {
@@ -702,7 +702,7 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_pool
   int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lp[b]);
   const int64_t kt_size = (longest + kKBlock - 1) / kKBlock * kKBlock * hd;  // per (b, g)
-  std::vector<float> kt(heads * kt_size);
+  std::vector<float> kt(heads * kt_size);  // zeroed: the padding of each last key block
   at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h)
       pack_keys(kp, PagedSeq{tp + (h / Hkv) * pa.width, block_size, lp[h / Hkv]}, row,
