@@ -27,6 +27,7 @@ from pymilvus import (
 )
 
 from pagoda.paths import pagoda_home
+from pagoda.rag import milvus_lite_fastpath
 from pagoda.rag.store import (
     COLLECTION_NAME,
     ENGLISH_STOP_WORDS,
@@ -161,14 +162,17 @@ class MilvusStore:
             self._call("upsert", data=rows)
             if self._embedded:
                 # Milvus Lite searches rows still in its memtable one by one in Python (5-10x
-                # slower at 5k chunks than flushed, indexed segments); a Milvus server seals
-                # segments itself and rate-limits explicit flushes.
+                # slower at 5k chunks than flushed, indexed segments, and off the fast path of
+                # `milvus_lite_fastpath`); a Milvus server seals segments itself and
+                # rate-limits explicit flushes.
                 self._call("flush")
 
     def delete_document(self, doc_id: str) -> None:
         """Remove every chunk of a document; deleting an absent document does nothing."""
         with self._writing():
             self._call("delete", filter=filter_expression(Filter(doc_ids=[doc_id])))
+            if self._embedded:
+                self._call("flush")  # tombstones in the memtable take searches off the fast path
 
     def count(self, where: Filter | None = None) -> int:
         """How many chunks are stored (that pass the filter)."""
@@ -211,6 +215,7 @@ class MilvusDatabase:
                     f"Milvus URI {self.uri!r} is neither a server (http://host:19530) nor a "
                     "Milvus Lite path ending in .db")
             Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
+            milvus_lite_fastpath.install()
         # Milvus Lite logs a traceback when it cannot start; the error below says it in one line.
         lite_log = logging.getLogger("milvus_lite.server_manager")
         lite_log_was_disabled, lite_log.disabled = lite_log.disabled, True
