@@ -118,16 +118,16 @@ def live_masks(segments: Sequence[Any], deletes: dict) -> list[np.ndarray]:
     with _lock:
         cached = _live_cache.get(key)
         if (cached is not None and cached[1] == deletes
-                and all(ref() is segment.seqs for ref, segment in zip(cached[0], segments))):
+                and all(ref() is segment.seqs for ref, segment in zip(cached[0], segments, strict=True))):
             _live_cache.move_to_end(key)
             return cached[2]
     newest: dict[Any, int] = {}
     for segment in segments:
-        for pk, seq in zip(segment.pks, segment.seqs.tolist()):
+        for pk, seq in zip(segment.pks, segment.seqs.tolist(), strict=True):
             if seq > newest.get(pk, -1):
                 newest[pk] = seq
     masks = [np.fromiter((newest[pk] == seq and deletes.get(pk, -1) <= seq
-                          for pk, seq in zip(segment.pks, segment.seqs.tolist())),
+                          for pk, seq in zip(segment.pks, segment.seqs.tolist(), strict=True)),
                          dtype=bool, count=len(segment.pks))
              for segment in segments]
     with _lock:
@@ -182,7 +182,7 @@ def _dense_search(query_vectors: np.ndarray, segments, memtable, delta_index, to
 
     segments = tuple(segments)
     candidates: list[list[tuple]] = [[] for _ in range(nq)]
-    for source, (segment, live) in enumerate(zip(segments, live_masks(segments, delta_index._map))):
+    for source, (segment, live) in enumerate(zip(segments, live_masks(segments, delta_index._map), strict=True)):
         if segment.num_rows == 0:
             continue
         vectors, not_null = segment.vector_data(vector_field)
@@ -197,7 +197,7 @@ def _dense_search(query_vectors: np.ndarray, segments, memtable, delta_index, to
                                       params=search_params)
         for q in range(nq):
             candidates[q].extend((float(d), source, int(i), int(i))
-                                 for i, d in zip(ids[q], distances[q]) if i >= 0)
+                                 for i, d in zip(ids[q], distances[q], strict=True) if i >= 0)
     results = []
     for per_query in candidates:
         hits = []
@@ -228,7 +228,7 @@ def _sparse_search(self, query_vectors: list, vector_field: str, top_k: int, met
     segments, deletes = self._read_snapshot()
     candidates: list[list[tuple]] = [[] for _ in queries]
     tables = []
-    for segment, live in zip(segments, live_masks(segments, deletes._map)):
+    for segment, live in zip(segments, live_masks(segments, deletes._map), strict=True):
         table = segment.table
         if table is None or len(table) == 0:
             continue
@@ -240,7 +240,7 @@ def _sparse_search(self, query_vectors: list, vector_field: str, top_k: int, met
         tables.append(table)
         for q in range(len(queries)):
             candidates[q].extend((float(d), len(tables) - 1, rank, int(i))
-                                 for rank, (i, d) in enumerate(zip(ids[q], distances[q]))
+                                 for rank, (i, d) in enumerate(zip(ids[q], distances[q], strict=True))
                                  if i >= 0)
     results = []
     for per_query in candidates:
@@ -294,17 +294,17 @@ class _Postings:
         """From Milvus Lite's own `term -> [(row, tf), ...]` lists."""
         pairs = [(term, row, tf) for term, posting in posting_lists.items()
                  for row, tf in posting]
-        terms, rows, tf = zip(*pairs) if pairs else ((), (), ())
+        terms, rows, tf = zip(*pairs, strict=True) if pairs else ((), (), ())
         return cls(np.asarray(terms, dtype=np.int64), np.asarray(rows, dtype=np.int64),
                    np.asarray(tf, dtype=np.float32))
 
     def to_lists(self) -> tuple[dict[int, list[tuple[int, float]]], dict[int, int]]:
         """Milvus Lite's own `term -> [(row, tf), ...]` lists and document frequencies."""
         rows, tf = self.rows.tolist(), self.tf.tolist()
-        lists = {term: list(zip(rows[a:b], tf[a:b]))
+        lists = {term: list(zip(rows[a:b], tf[a:b], strict=True))
                  for term, a, b in zip(self.terms.tolist(), self.starts[:-1].tolist(),
-                                       self.starts[1:].tolist())}
-        return lists, dict(zip(self.terms.tolist(), self.df.tolist()))
+                                       self.starts[1:].tolist(), strict=True)}
+        return lists, dict(zip(self.terms.tolist(), self.df.tolist(), strict=True))
 
     def get(self, term: int) -> tuple[np.ndarray, np.ndarray, int] | None:
         """(rows, tf, document frequency) of a term, or None when no document has it."""
