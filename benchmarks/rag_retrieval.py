@@ -355,8 +355,7 @@ async def run_async(args: argparse.Namespace, err) -> dict:
         db.close()
         tmp.cleanup()
     return {"ingest": ingest, "fill": fill, "settle_seconds": settled, "stages": stages,
-            "quality": quality,
-            "corpus_documents": len(docs), "rerank": reranked}
+            "quality": quality, "corpus_documents": len(docs), "rerank": reranked}
 
 
 async def measure_rerank(kb, questions: list[dict], n: int, progress) -> dict:
@@ -388,6 +387,11 @@ async def measure_rerank(kb, questions: list[dict], n: int, progress) -> dict:
             "seconds_per_query": round(seconds / len(picked), 2)}
 
 
+def embedded_milvus(db) -> bool:
+    """Whether the benchmark's database is Milvus Lite in this process."""
+    return getattr(db, "_embedded", False)
+
+
 def wait_for_background_indexing(db, collection: str) -> float:
     """Seconds spent waiting for Milvus Lite's background compaction and HNSW builds.
 
@@ -397,7 +401,7 @@ def wait_for_background_indexing(db, collection: str) -> float:
     after its ingest. Milvus Lite reports every index as finished, so this waits on its
     single background worker itself (internals of milvus-lite 3.2); other stores need no wait.
     """
-    if not getattr(db, "_embedded", False):
+    if not embedded_milvus(db):
         return 0.0
     from milvus_lite.server_manager import server_manager_instance
 
@@ -466,7 +470,7 @@ async def milvus_lite_own_latency(db, kb, questions: list[dict], progress,
                                   chunks: int) -> dict | None:
     """The peer in this run: the same questions on Milvus Lite's own search code (Pagoda's
     fast path off); None for other stores."""
-    if not getattr(db, "_embedded", False):
+    if not embedded_milvus(db):
         return None
     from pagoda.rag import milvus_lite_fastpath
 

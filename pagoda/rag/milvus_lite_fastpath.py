@@ -121,15 +121,14 @@ def live_masks(segments: Sequence[Any], deletes: dict) -> list[np.ndarray]:
                 and all(ref() is segment.seqs for ref, segment in zip(cached[0], segments, strict=True))):
             _live_cache.move_to_end(key)
             return cached[2]
+    rows = [list(zip(segment.pks, segment.seqs.tolist(), strict=True)) for segment in segments]
     newest: dict[Any, int] = {}
-    for segment in segments:
-        for pk, seq in zip(segment.pks, segment.seqs.tolist(), strict=True):
-            if seq > newest.get(pk, -1):
-                newest[pk] = seq
+    for pk, seq in (row for segment_rows in rows for row in segment_rows):
+        if seq > newest.get(pk, -1):
+            newest[pk] = seq
     masks = [np.fromiter((newest[pk] == seq and deletes.get(pk, -1) <= seq
-                          for pk, seq in zip(segment.pks, segment.seqs.tolist(), strict=True)),
-                         dtype=bool, count=len(segment.pks))
-             for segment in segments]
+                          for pk, seq in segment_rows), dtype=bool, count=len(segment_rows))
+             for segment_rows in rows]
     with _lock:
         for stale in [k for k, (refs, _, _) in _live_cache.items()
                       if any(ref() is None for ref in refs)]:

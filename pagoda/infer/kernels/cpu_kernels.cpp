@@ -607,7 +607,6 @@ void pack_keys(const float* kp, const PagedSeq& seq, int64_t row, int64_t col, i
   });
 }
 
-
 // Rows r = j * n + i: query head g*group + j at position start + p0 + i, which sees keys
 // 0..start + p0 + i. Writes each row's normalised output through out_at(j, i).
 template <typename OutAt>
