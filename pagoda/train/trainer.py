@@ -11,6 +11,7 @@ checkpoints.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
@@ -374,4 +375,5 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         return Trainer(cfg).fit()
     finally:
         if dist.is_initialized():
+            gc.collect()  # sharded tensors left to interpreter teardown can abort the process
             dist.destroy_process_group()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,8 @@ from pagoda.tokenizer.train import train_tokenizer
 from pagoda.train.config import PretrainConfig, load_config
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 60
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +60,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def torchrun() -> Callable[..., subprocess.CompletedProcess]:
+    """Run `torchrun --standalone --nproc-per-node 2 ARGS...` from the repository (gloo, CPU).
+
+    Workers should free their models, DTensors and meshes before `destroy_process_group()`:
+    objects left for interpreter teardown can abort a rank after its work is done."""
+    if not TORCHRUN.exists():
+        pytest.skip("torchrun is not installed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", *args],
+                              capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
+    return run

@@ -4,10 +4,6 @@ with the same global batch, and FSDP2 checkpoints save and resume."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,32 +11,27 @@ import torch
 from pagoda.data.loader import BatchLoader
 from pagoda.train.trainer import Trainer
 
-TORCHRUN = Path(sys.executable).with_name("torchrun")
-REPO = Path(__file__).resolve().parents[2]
-
 # One optimizer step per rank; the gradients the optimizer sees are saved for comparison.
 WORKER = """
-import json, sys, torch
+import gc, json, sys, torch
 import torch.distributed as dist
 from pagoda.train.config import load_config
 from pagoda.train.trainer import Trainer
 
-trainer = Trainer(load_config(data=json.loads(sys.argv[1])))
-grads = []
-trainer.optimizer.register_step_pre_hook(
-    lambda *_: grads.extend(p.grad.clone() for p in trainer.model.parameters()))
-loss, norm = trainer.train_step()
-if trainer.dist.rank == 0:
-    torch.save({"loss": loss, "norm": norm, "grads": grads}, sys.argv[2])
-dist.barrier()
+def main():
+    trainer = Trainer(load_config(data=json.loads(sys.argv[1])))
+    grads = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda *_: grads.extend(p.grad.clone() for p in trainer.model.parameters()))
+    loss, norm = trainer.train_step()
+    if trainer.dist.rank == 0:
+        torch.save({"loss": loss, "norm": norm, "grads": grads}, sys.argv[2])
+    dist.barrier()
+
+main()
+gc.collect()  # free the trainer (its hook closes over it) while the process group is alive
 dist.destroy_process_group()
 """
-
-
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", *args],
-                          capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
 
 
 class GlobalBatch:
@@ -55,8 +46,8 @@ class GlobalBatch:
         return torch.cat([x0, x1]), torch.cat([y0, y1])
 
 
-@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
-def test_ddp_matches_one_process_with_the_same_global_batch(char_shards, tiny_config, tmp_path):
+def test_ddp_matches_one_process_with_the_same_global_batch(char_shards, tiny_config, torchrun,
+                                                            tmp_path):
     cfg = tiny_config(char_shards, tmp_path / "ddp", model={"dropout": 0.0},
                       train={"grad_accum": 2})
     result, worker = tmp_path / "ddp.pt", tmp_path / "worker.py"
@@ -78,8 +69,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch(char_shards, tiny_co
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
-def test_fsdp_checkpoints_save_and_resume(char_shards, tiny_config, tmp_path):
+def test_fsdp_checkpoints_save_and_resume(char_shards, tiny_config, torchrun, tmp_path):
     cfg = tiny_config(char_shards, tmp_path, train={"max_steps": 4, "checkpoint_every": 2,
                                                     "fsdp": True, "eval_every": 2})
     config = tmp_path / "run.yaml"

@@ -5,10 +5,6 @@ the trainer with `train.tensor_parallel` gives one process's losses."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +14,6 @@ from pagoda.model.transformer import Transformer
 from pagoda.train.tensor_parallel import check_divisible
 from pagoda.train.trainer import Trainer
 
-TORCHRUN = Path(sys.executable).with_name("torchrun")
-REPO = Path(__file__).resolve().parents[2]
 SIZES = {"vocab_size": 64, "max_seq_len": 32, "d_model": 32, "n_layer": 2, "n_head": 4,
          "d_ff": 48}
 CONFIGS = {
@@ -32,7 +26,7 @@ CONFIGS = {
 # Each rank builds the same model (same seed), shards a copy over all ranks and records, per
 # check, the largest difference from the unsharded model it also runs.
 WORKER = """
-import copy, json, sys, torch
+import copy, gc, json, sys, torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
@@ -46,40 +40,38 @@ def full(t):
 def largest(pairs):
     return {name: (full(a) - b).abs().max().item() for name, a, b in pairs}
 
+def main():
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    sizes, configs = json.loads(sys.argv[1])
+    result = {}
+    for name, overrides in configs.items():
+        cfg = ModelConfig.from_name(overrides.pop("preset"), **sizes, **overrides)
+        torch.manual_seed(0)
+        ref = Transformer(cfg)
+        tp = parallelize(copy.deepcopy(ref), mesh)
+        x, y = torch.randint(0, cfg.vocab_size, (2, 2, 16))
+        out = {"logits": (tp(x) - ref(x)).abs().max().item(),
+               "sharded": sorted(n for n, p in tp.named_parameters() if isinstance(p, DTensor))}
+        ref.loss(x, y).backward()
+        tp.loss(x, y).backward()
+        named = list(zip(dict(tp.named_parameters()).items(), ref.parameters(), strict=True))
+        out["grads"] = largest((n, a.grad, b.grad) for (n, a), b in named)
+        out["ref_grads"] = {n: b.grad.abs().max().item() for (n, _), b in named}
+        for model in (ref, tp):
+            torch.optim.AdamW(model.parameters(), lr=1e-2).step()
+        out["weights"] = largest((n, a, b) for (n, a), b in named)
+        result[name] = out
+    json.dump(result, open(f"{sys.argv[2]}.{dist.get_rank()}", "w"))
+
 dist.init_process_group("gloo")
-mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-sizes, configs = json.loads(sys.argv[1])
-result = {}
-for name, overrides in configs.items():
-    cfg = ModelConfig.from_name(overrides.pop("preset"), **sizes, **overrides)
-    torch.manual_seed(0)
-    ref = Transformer(cfg)
-    tp = parallelize(copy.deepcopy(ref), mesh)
-    x, y = torch.randint(0, cfg.vocab_size, (2, 2, 16))
-    out = {"logits": (tp(x) - ref(x)).abs().max().item(),
-           "sharded": sorted(n for n, p in tp.named_parameters() if isinstance(p, DTensor))}
-    ref.loss(x, y).backward()
-    tp.loss(x, y).backward()
-    named = list(zip(dict(tp.named_parameters()).items(), ref.parameters(), strict=True))
-    out["grads"] = largest((n, a.grad, b.grad) for (n, a), b in named)
-    out["ref_grads"] = {n: b.grad.abs().max().item() for (n, _), b in named}
-    for model in (ref, tp):
-        torch.optim.AdamW(model.parameters(), lr=1e-2).step()
-    out["weights"] = largest((n, a, b) for (n, a), b in named)
-    result[name] = out
-json.dump(result, open(f"{sys.argv[2]}.{dist.get_rank()}", "w"))
+main()
+gc.collect()  # free the models, DTensors and mesh while the process group is alive
 dist.destroy_process_group()
 """
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", *args],
-                          capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
-
-
 @pytest.fixture(scope="module")
-def tp_results(tmp_path_factory) -> list[dict]:
+def tp_results(tmp_path_factory, torchrun) -> list[dict]:
     """What each of the 2 ranks measured (the worker runs once for all checks)."""
     tmp = tmp_path_factory.mktemp("tp")
     worker = tmp / "worker.py"
@@ -87,9 +79,6 @@ def tp_results(tmp_path_factory) -> list[dict]:
     run = torchrun(str(worker), json.dumps([SIZES, CONFIGS]), str(tmp / "result"))
     assert run.returncode == 0, run.stderr[:3000]  # the failing rank's traceback comes first
     return [json.loads((tmp / f"result.{rank}").read_text()) for rank in (0, 1)]
-
-
-pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
 
 
 @pytest.mark.parametrize("arch", CONFIGS)
@@ -150,7 +139,8 @@ def test_mixture_of_experts_is_refused():
         check_divisible(model, 2)
 
 
-def test_trainer_with_tensor_parallel_matches_one_process(char_shards, tiny_config, tmp_path):
+def test_trainer_with_tensor_parallel_matches_one_process(char_shards, tiny_config, torchrun,
+                                                         tmp_path):
     """Both ranks read the same batches and hold halves of one model: the losses are those of
     one process, and a tensor-parallel checkpoint resumes to the same losses."""
     sections = {"model": {"dropout": 0.0},
