@@ -20,13 +20,14 @@ at a time, interleaved level by level in a rotating order, and always stopped at
 Workload (identical for every peer): closed loop — at concurrency N, N clients each send a
 streaming /v1/chat/completions request, wait for its end, send the next; request i of a run
 gets that run's prompt i and max_tokens i, and no prompt is sent in two runs (levels or
-repeats), so prefix caches see only what the requests really share. Prompts are real passages of tinyshakespeare
-(../shared/data/tinyshakespeare/input.txt) with a fixed system message and a request to
-continue the scene; temperature 0; EOS is honoured (outputs may end early; all peers see the
-same requests). Measured on the client: output tokens = streamed chunks with non-empty
-content (the same rule for every peer; the server's usage figure is kept as a cross-check),
-aggregate tokens/s = output tokens / (last response end - first request start), TTFT = request
-sent -> first content chunk, inter-token latency = gap between consecutive content chunks.
+repeats), so prefix caches see only what the requests really share. Prompts are real
+passages of tinyshakespeare (../shared/data/tinyshakespeare/input.txt) with a fixed system
+message and a request to continue the scene; temperature 0; EOS is honoured (outputs may end
+early; all peers see the same requests). Measured on the client: output tokens = streamed
+chunks with non-empty content (the same rule for every peer; the server's usage figure is kept
+as a cross-check), aggregate tokens/s = output tokens / (last response end - first request
+start), TTFT = request sent -> first content chunk, inter-token latency = gap between
+consecutive content chunks.
 
     .venv/bin/python benchmarks/serve_load.py            # levels 1,4,16,64
     .venv/bin/python benchmarks/serve_load.py --quick    # smoke test: levels 1,4, few requests

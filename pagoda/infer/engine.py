@@ -163,9 +163,9 @@ class Engine:
     @property
     def stats(self) -> EngineStats:
         alloc, sched = self.pool.allocator, self.scheduler
+        hit_rate = sched.reused_tokens / sched.prompt_tokens if sched.prompt_tokens else 0.0
         return EngineStats(len(sched.running), len(sched.waiting), alloc.num_used,
-                           alloc.num_blocks, self.pool.block_size, alloc.num_cached,
-                           sched.reused_tokens / sched.prompt_tokens if sched.prompt_tokens else 0.0)
+                           alloc.num_blocks, self.pool.block_size, alloc.num_cached, hit_rate)
 
     @torch.inference_mode()
     def step(self) -> list[TokenOutput]:

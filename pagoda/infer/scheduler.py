@@ -115,7 +115,7 @@ class Scheduler:
         if not self.prefix_caching:
             return
         bs = self.pool.block_size
-        for i in range((len(seq.prompt_ids) + len(seq.output_ids) - 1) // bs):
+        for i in range((len(seq.ids) - 1) // bs):
             block = self.pool.allocator.acquire(seq.block_key(i, bs))
             if block is None:
                 break

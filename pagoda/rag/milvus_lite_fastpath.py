@@ -118,7 +118,8 @@ def live_masks(segments: Sequence[Any], deletes: dict) -> list[np.ndarray]:
     with _lock:
         cached = _live_cache.get(key)
         if (cached is not None and cached[1] == deletes
-                and all(ref() is segment.seqs for ref, segment in zip(cached[0], segments, strict=True))):
+                and all(ref() is segment.seqs
+                        for ref, segment in zip(cached[0], segments, strict=True))):
             _live_cache.move_to_end(key)
             return cached[2]
     rows = [list(zip(segment.pks, segment.seqs.tolist(), strict=True)) for segment in segments]
@@ -181,7 +182,8 @@ def _dense_search(query_vectors: np.ndarray, segments, memtable, delta_index, to
 
     segments = tuple(segments)
     candidates: list[list[tuple]] = [[] for _ in range(nq)]
-    for source, (segment, live) in enumerate(zip(segments, live_masks(segments, delta_index._map), strict=True)):
+    masks = live_masks(segments, delta_index._map)
+    for source, (segment, live) in enumerate(zip(segments, masks, strict=True)):
         if segment.num_rows == 0:
             continue
         vectors, not_null = segment.vector_data(vector_field)
@@ -238,9 +240,9 @@ def _sparse_search(self, query_vectors: list, vector_field: str, top_k: int, met
         ids, distances = _search_prepared_sparse_index(index, queries, top_k, valid_mask=mask)
         tables.append(table)
         for q in range(len(queries)):
+            hits = enumerate(zip(ids[q], distances[q], strict=True))
             candidates[q].extend((float(d), len(tables) - 1, rank, int(i))
-                                 for rank, (i, d) in enumerate(zip(ids[q], distances[q], strict=True))
-                                 if i >= 0)
+                                 for rank, (i, d) in hits if i >= 0)
     results = []
     for per_query in candidates:
         hits = []
@@ -388,5 +390,6 @@ def _bm25_denominators(index) -> np.ndarray:
     if cached is None:
         avgdl = index.avgdl if index.avgdl > 0 else 1.0
         lengths = np.asarray(index._doc_lengths, dtype=np.float32)
-        cached = index._pagoda_denominators = index.k1 * ((1.0 - index.b) + index.b * lengths / avgdl)
+        cached = index.k1 * ((1.0 - index.b) + index.b * lengths / avgdl)
+        index._pagoda_denominators = cached
     return cached
