@@ -56,7 +56,11 @@ class AsyncEmbedder:
                     break
                 batch.append(nxt)
                 size += len(nxt[0])
-            self._embed(batch)
+            # Running futures can no longer be cancelled under the worker; those whose caller
+            # already went away (a cancelled request) are dropped instead of embedded.
+            batch = [(texts, f) for texts, f in batch if f.set_running_or_notify_cancel()]
+            if batch:
+                self._embed(batch)
 
     def _embed(self, batch: list[_Job]) -> None:
         """One encoder call for the whole batch; if it fails (one request's bad input), each

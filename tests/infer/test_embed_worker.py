@@ -64,10 +64,34 @@ def test_a_bad_request_fails_alone():
         await asyncio.sleep(0.05)
         engine.gate.set()
         await blocker
-        return await good, bad
+        await asyncio.wait([good, bad])  # bad settles just after good (it is retried alone)
+        return good.result(), bad
 
     good, bad = asyncio.run(run())
     np.testing.assert_array_equal(good, [[2, 1]])
     with pytest.raises(InvalidRequestError):
         bad.result()
     worker.shutdown()
+
+
+def test_cancelled_requests_do_not_stop_the_worker():
+    """A client that goes away while its request is queued or being embedded: the queued one
+    is dropped, the running one finishes unseen, and later requests are still served."""
+    engine = FakeEngine()
+    worker = AsyncEmbedder(engine)
+
+    async def run():
+        engine.gate.clear()
+        running = asyncio.ensure_future(worker.embed(["a"]))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(worker.embed(["bb"]))
+        await asyncio.sleep(0.05)
+        running.cancel()
+        queued.cancel()
+        await asyncio.sleep(0.05)
+        engine.gate.set()
+        return await asyncio.wait_for(worker.embed(["ccc"]), timeout=10)
+
+    np.testing.assert_array_equal(asyncio.run(run()), [[3, 1]])
+    worker.shutdown()
+    assert engine.batches == [1, 1]  # "a" was embedded, "bb" never was
