@@ -30,14 +30,20 @@ class FakeEngine:
         return np.array([[len(t), 1.0] for t in texts], dtype=np.float32)
 
 
+async def occupy(worker: AsyncEmbedder, engine: FakeEngine) -> asyncio.Task:
+    """Start a request for ["a"] that holds the worker (blocked on the gate) until it opens."""
+    engine.gate.clear()
+    task = asyncio.ensure_future(worker.embed(["a"]))
+    await asyncio.sleep(0.05)
+    return task
+
+
 def test_waiting_requests_are_merged_into_one_batch():
     engine = FakeEngine()
     worker = AsyncEmbedder(engine)
 
     async def run():
-        engine.gate.clear()  # the first request blocks the worker; the rest queue up
-        first = asyncio.ensure_future(worker.embed(["a"]))
-        await asyncio.sleep(0.05)
+        first = await occupy(worker, engine)  # the rest queue up behind it
         rest = [asyncio.ensure_future(worker.embed(["x" * n] * n)) for n in range(1, 5)]
         await asyncio.sleep(0.05)
         engine.gate.set()
@@ -56,9 +62,7 @@ def test_a_bad_request_fails_alone():
     worker = AsyncEmbedder(engine)
 
     async def run():
-        engine.gate.clear()
-        blocker = asyncio.ensure_future(worker.embed(["a"]))
-        await asyncio.sleep(0.05)
+        blocker = await occupy(worker, engine)
         good = asyncio.ensure_future(worker.embed(["ok"]))
         bad = asyncio.ensure_future(worker.embed([""]))
         await asyncio.sleep(0.05)
@@ -81,9 +85,7 @@ def test_cancelled_requests_do_not_stop_the_worker():
     worker = AsyncEmbedder(engine)
 
     async def run():
-        engine.gate.clear()
-        running = asyncio.ensure_future(worker.embed(["a"]))
-        await asyncio.sleep(0.05)
+        running = await occupy(worker, engine)
         queued = asyncio.ensure_future(worker.embed(["bb"]))
         await asyncio.sleep(0.05)
         running.cancel()
